@@ -1,0 +1,103 @@
+"""create_app(settings): routers, middleware and the lifespan of shared resources."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse
+
+from parley import __version__
+from parley.auth.endpoints import router as auth_router
+from parley.auth.security import PasswordHasher
+from parley.config import Settings
+from parley.conversations.endpoints import router as conversations_router
+from parley.db.session import Database
+from parley.errors import error_responses, install_error_handlers
+from parley.messages.endpoints import router as messages_router
+from parley.ops.health import router as health_router
+from parley.ops.logging import configure_logging
+from parley.ops.metrics import router as metrics_router
+from parley.ops.middleware import RequestContextMiddleware
+from parley.ops.ratelimit import RateLimiter
+from parley.users.endpoints import admin_router
+from parley.users.endpoints import router as users_router
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+
+
+def process_name() -> str:
+    """How /admin/stats names this process among many."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(settings.effective_log_format, settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.db = Database(settings.effective_database_url, pool_size=settings.db_pool_size)
+        app.state.redis = aioredis.from_url(settings.redis_url) if settings.redis_url else None
+        app.state.shutting_down = False
+        try:
+            yield
+        finally:
+            app.state.shutting_down = True
+            if app.state.redis is not None:
+                await app.state.redis.aclose()
+            await app.state.db.dispose()
+
+    docs_on = settings.docs == "on"
+    app = FastAPI(
+        title="Parley",
+        version=__version__,
+        summary="Self-hostable real-time chat backend",
+        lifespan=lifespan,
+        docs_url="/docs" if docs_on else None,
+        redoc_url="/redoc" if docs_on else None,
+        openapi_url="/openapi.json" if docs_on else None,
+    )
+    app.state.settings = settings
+    app.state.process_name = process_name()
+    app.state.hasher = PasswordHasher(
+        time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_cost
+    )
+    app.state.rate_limiter = RateLimiter(settings)
+    # The connection registry arrives with real time; until then this process has none.
+    app.state.live_connections = 0
+    install_error_handlers(app)
+
+    # Routers carry the full /api/v1 path themselves so that a matched route knows its
+    # whole template (metrics and logs label requests by it).
+    for router in (
+        auth_router,
+        users_router,
+        admin_router,
+        conversations_router,
+        messages_router,
+    ):
+        app.include_router(router, responses=error_responses(401, 404, 422, 500))
+    app.include_router(health_router)
+    app.include_router(metrics_router)
+
+    @app.get("/", include_in_schema=False)
+    async def web_client() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html")
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestContextMiddleware, max_upload_bytes=settings.max_upload_bytes)
+    return app

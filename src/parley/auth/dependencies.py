@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends
+from fastapi.security import OAuth2PasswordBearer
+
+from parley.auth.service import Principal, access_principal_by_token
+from parley.db.session import SessionDep
+from parley.deps import SettingsDep
+from parley.errors import Forbidden, Unauthorized
+from parley.ops.context import user_id_var
+
+# tokenUrl points at the login endpoint, which also takes the OAuth2 password form, so
+# the Authorize button of /docs works.
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/login", auto_error=False)
+
+
+async def get_principal(
+    session: SessionDep,
+    settings: SettingsDep,
+    token: Annotated[str | None, Depends(oauth2_scheme)],
+) -> Principal:
+    if not token:
+        raise Unauthorized()
+    principal = await access_principal_by_token(session, settings, token)
+    user_id_var.set(str(principal.id))
+    return principal
+
+
+async def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    if not principal.is_admin:
+        raise Forbidden("This needs a global admin")
+    return principal
+
+
+CurrentUser = Annotated[Principal, Depends(get_principal)]
+AdminUser = Annotated[Principal, Depends(get_admin)]

@@ -1,0 +1,35 @@
+"""Applying Alembic migrations from code (CLI, `serve` on SQLite, tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply migrations. Runs its own event loop: call it from sync code or a thread."""
+    command.upgrade(alembic_config(url), revision)
+
+
+async def pending_revisions(engine: AsyncEngine) -> list[str]:
+    script = ScriptDirectory.from_config(alembic_config(str(engine.url)))
+    heads = set(script.get_heads())
+    async with engine.connect() as conn:
+        current = await conn.run_sync(
+            lambda sync_conn: set(MigrationContext.configure(sync_conn).get_current_heads())
+        )
+    return sorted(heads - current)

@@ -1,0 +1,87 @@
+"""The database handle and the request-scoped transaction.
+
+One transaction per request, owned by the dependency: it commits when the endpoint
+returns and rolls back when it raises. Callbacks registered with `after_commit` run only
+once the commit has succeeded, so an event for a rolled-back write cannot be published.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import structlog
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from parley.db.engine import WRITE_OPTION, create_engine
+
+log = structlog.get_logger("parley.db")
+
+AfterCommit = Callable[[], Awaitable[None]]
+_AFTER_COMMIT_KEY = "parley_after_commit"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class Database:
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.engine: AsyncEngine = create_engine(url, pool_size=pool_size)
+        self.dialect = self.engine.dialect.name
+        self._read = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        self._write = async_sessionmaker(
+            self.engine.execution_options(**{WRITE_OPTION: True}),
+            expire_on_commit=False,
+            autoflush=False,
+        )
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    @asynccontextmanager
+    async def transaction(self, *, write: bool = True) -> AsyncIterator[AsyncSession]:
+        """A unit of work: commit on success, roll back on error, then after-commit hooks."""
+        maker = self._write if write else self._read
+        async with maker() as session:
+            try:
+                yield session
+                await session.commit()
+            except BaseException:
+                await session.rollback()
+                raise
+        await run_after_commit(session)
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def after_commit(session: AsyncSession, callback: AfterCommit) -> None:
+    session.info.setdefault(_AFTER_COMMIT_KEY, []).append(callback)
+
+
+async def run_after_commit(session: AsyncSession) -> None:
+    for callback in session.info.pop(_AFTER_COMMIT_KEY, []):
+        try:
+            await callback()
+        except Exception:
+            # The write is committed; a failing notification must not turn it into an error.
+            log.exception("after_commit_failed")
+
+
+def get_database(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    db = get_database(request)
+    async with db.transaction(write=request.method not in _SAFE_METHODS) as session:
+        yield session
+
+
+# scope="function": the commit happens when the endpoint returns, before the response is
+# sent, so a 2xx is only ever sent for a durable write (§9.1).
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+DatabaseDep = Annotated[Database, Depends(get_database)]

@@ -1,0 +1,304 @@
+"""SQL for messages, versions, mentions, read markers and search."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import Select, and_, delete, func, literal_column, or_, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from parley.db.base import utcnow
+from parley.models import Conversation, Membership, Mention, Message, MessageVersion, ReadMark, User
+
+# SQLite's trigram tokenizer indexes 3-character sequences; shorter terms fall back to a
+# LIKE scan of the caller's conversations.
+TRIGRAM = 3
+
+
+def escape_like(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+async def get_for_member(
+    session: AsyncSession, message_id: uuid.UUID, user_id: uuid.UUID
+) -> tuple[Message, Membership] | None:
+    """A message of a live conversation the user is a member of."""
+    stmt = (
+        select(Message, Membership)
+        .join(
+            Membership,
+            and_(
+                Membership.conversation_id == Message.conversation_id,
+                Membership.user_id == user_id,
+            ),
+        )
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(Message.id == message_id, Conversation.deleted_at.is_(None))
+    )
+    row = (await session.execute(stmt)).one_or_none()
+    return (row[0], row[1]) if row else None
+
+
+async def get_in_live_conversation(session: AsyncSession, message_id: uuid.UUID) -> Message | None:
+    stmt = (
+        select(Message)
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(Message.id == message_id, Conversation.deleted_at.is_(None))
+    )
+    return await session.scalar(stmt)
+
+
+async def find_by_client_id(
+    session: AsyncSession, conversation_id: uuid.UUID, sender_id: uuid.UUID, client_msg_id: str
+) -> Message | None:
+    stmt = select(Message).where(
+        Message.conversation_id == conversation_id,
+        Message.sender_id == sender_id,
+        Message.client_msg_id == client_msg_id,
+    )
+    return await session.scalar(stmt.execution_options(populate_existing=True))
+
+
+async def page(
+    session: AsyncSession,
+    conversation_id: uuid.UUID,
+    *,
+    before: int | None,
+    after: int | None,
+    limit: int,
+) -> tuple[list[Message], bool]:
+    """Messages in ascending seq. Bounds are exclusive; `after` pages forward from the
+    oldest, otherwise the page is the newest `limit` below `before` (or the top)."""
+    stmt = select(Message).where(Message.conversation_id == conversation_id)
+    if before is not None:
+        stmt = stmt.where(Message.seq < before)
+    if after is not None:
+        stmt = stmt.where(Message.seq > after).order_by(Message.seq)
+    else:
+        stmt = stmt.order_by(Message.seq.desc())
+    rows = list((await session.scalars(stmt.limit(limit + 1))).all())
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    if after is None:
+        rows.reverse()
+    return rows, has_more
+
+
+async def changed_after(
+    session: AsyncSession, conversation_id: uuid.UUID, seq: int, limit: int
+) -> tuple[list[Message], bool]:
+    stmt = (
+        select(Message)
+        .where(Message.conversation_id == conversation_id, Message.updated_seq > seq)
+        .order_by(Message.updated_seq)
+        .limit(limit + 1)
+    )
+    rows = list((await session.scalars(stmt)).all())
+    return rows[:limit], len(rows) > limit
+
+
+async def users_by_id(session: AsyncSession, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, User]:
+    if not ids:
+        return {}
+    rows = await session.scalars(select(User).where(User.id.in_(set(ids))))
+    return {u.id: u for u in rows}
+
+
+async def mentions_of(
+    session: AsyncSession, message_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[uuid.UUID]]:
+    if not message_ids:
+        return {}
+    stmt = select(Mention.message_id, Mention.user_id).where(Mention.message_id.in_(message_ids))
+    out: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for message_id, user_id in (await session.execute(stmt)).all():
+        out.setdefault(message_id, []).append(user_id)
+    return out
+
+
+async def member_ids_by_username(
+    session: AsyncSession, conversation_id: uuid.UUID, usernames: Sequence[str]
+) -> list[uuid.UUID]:
+    if not usernames:
+        return []
+    stmt = (
+        select(User.id)
+        .join(Membership, Membership.user_id == User.id)
+        .where(Membership.conversation_id == conversation_id, User.username.in_(usernames))
+    )
+    return list((await session.scalars(stmt)).all())
+
+
+async def replace_mentions(
+    session: AsyncSession, message: Message, user_ids: Sequence[uuid.UUID]
+) -> None:
+    await session.execute(delete(Mention).where(Mention.message_id == message.id))
+    for user_id in user_ids:
+        session.add(
+            Mention(
+                message_id=message.id,
+                user_id=user_id,
+                conversation_id=message.conversation_id,
+                seq=message.seq,
+            )
+        )
+
+
+async def others_markers(
+    session: AsyncSession, conversation_id: uuid.UUID, user_id: uuid.UUID
+) -> tuple[int | None, int | None]:
+    """The lowest read and delivered markers among the other members."""
+    stmt = select(func.min(Membership.last_read_seq), func.min(Membership.delivered_seq)).where(
+        Membership.conversation_id == conversation_id, Membership.user_id != user_id
+    )
+    row = (await session.execute(stmt)).one()
+    return row[0], row[1]
+
+
+async def advance_read_marker(
+    session: AsyncSession, conversation_id: uuid.UUID, user_id: uuid.UUID, seq: int
+) -> bool:
+    """Move a read marker forward (never back); whether it moved."""
+    now = utcnow()
+    stmt = (
+        update(Membership)
+        .where(
+            Membership.conversation_id == conversation_id,
+            Membership.user_id == user_id,
+            Membership.last_read_seq < seq,
+        )
+        .values(
+            last_read_seq=seq,
+            last_read_at=now,
+            delivered_seq=func.max(Membership.delivered_seq, seq)
+            if session.bind.dialect.name == "sqlite"
+            else func.greatest(Membership.delivered_seq, seq),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    moved = (await session.execute(stmt)).rowcount > 0  # type: ignore[attr-defined]
+    if moved:
+        session.add(
+            ReadMark(conversation_id=conversation_id, user_id=user_id, seq=seq, read_at=now)
+        )
+    return moved
+
+
+async def receipts(
+    session: AsyncSession,
+    message: Message,
+    viewer_id: uuid.UUID,
+    *,
+    after_user: uuid.UUID | None,
+    limit: int,
+) -> list[tuple[Membership, datetime | None]]:
+    """Other members with the time their marker first passed the message."""
+    read_at = (
+        select(func.min(ReadMark.read_at))
+        .where(
+            ReadMark.conversation_id == Membership.conversation_id,
+            ReadMark.user_id == Membership.user_id,
+            ReadMark.seq >= message.seq,
+        )
+        .scalar_subquery()
+    )
+    stmt = select(Membership, read_at).where(
+        Membership.conversation_id == message.conversation_id,
+        Membership.user_id != viewer_id,
+    )
+    if after_user is not None:
+        stmt = stmt.where(Membership.user_id > after_user)
+    stmt = stmt.order_by(Membership.user_id).limit(limit)
+    return [(m, at) for m, at in (await session.execute(stmt)).all()]
+
+
+async def versions(
+    session: AsyncSession,
+    message_id: uuid.UUID,
+    *,
+    after: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[MessageVersion]:
+    stmt = select(MessageVersion).where(MessageVersion.message_id == message_id)
+    if after is not None:
+        at, vid = after
+        stmt = stmt.where(
+            or_(
+                MessageVersion.replaced_at > at,
+                and_(MessageVersion.replaced_at == at, MessageVersion.id > vid),
+            )
+        )
+    stmt = stmt.order_by(MessageVersion.replaced_at, MessageVersion.id).limit(limit)
+    return list((await session.scalars(stmt)).all())
+
+
+async def delete_versions(session: AsyncSession, message_id: uuid.UUID) -> None:
+    await session.execute(delete(MessageVersion).where(MessageVersion.message_id == message_id))
+
+
+def _newest_first(
+    stmt: Select[tuple[Message]], after: tuple[datetime, uuid.UUID] | None, limit: int
+) -> Select[tuple[Message]]:
+    if after is not None:
+        at, mid = after
+        stmt = stmt.where(
+            or_(Message.created_at < at, and_(Message.created_at == at, Message.id < mid))
+        )
+    return stmt.order_by(Message.created_at.desc(), Message.id.desc()).limit(limit)
+
+
+def _readable_by(user_id: uuid.UUID) -> Select[tuple[Message]]:
+    """Messages of live conversations the user is a member of, not deleted."""
+    return (
+        select(Message)
+        .join(
+            Membership,
+            and_(
+                Membership.conversation_id == Message.conversation_id, Membership.user_id == user_id
+            ),
+        )
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(Conversation.deleted_at.is_(None), Message.deleted_at.is_(None))
+    )
+
+
+async def search(
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    q: str,
+    *,
+    conversation_id: uuid.UUID | None,
+    after: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[Message]:
+    stmt = _readable_by(user_id)
+    if conversation_id is not None:
+        stmt = stmt.where(Message.conversation_id == conversation_id)
+    dialect = session.bind.dialect.name
+    pattern = "%" + escape_like(q) + "%"
+    if dialect == "postgresql":
+        # ILIKE over a pg_trgm GIN index: case-insensitive and partial words.
+        stmt = stmt.where(Message.content.ilike(pattern, escape="\\"))
+    elif len(q) >= TRIGRAM:
+        phrase = '"' + q.replace('"', '""') + '"'
+        matching = text(
+            "SELECT rowid FROM messages_fts WHERE messages_fts MATCH :phrase"
+        ).bindparams(phrase=phrase)
+        stmt = stmt.where(literal_column("messages.rowid").in_(matching))
+    else:
+        stmt = stmt.where(Message.content.ilike(pattern, escape="\\"))
+    return list((await session.scalars(_newest_first(stmt, after, limit))).all())
+
+
+async def by_sender_readable(
+    session: AsyncSession,
+    viewer_id: uuid.UUID,
+    sender_id: uuid.UUID,
+    *,
+    after: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[Message]:
+    stmt = _readable_by(viewer_id).where(Message.sender_id == sender_id)
+    return list((await session.scalars(_newest_first(stmt, after, limit))).all())

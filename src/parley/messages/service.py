@@ -1,0 +1,517 @@
+"""Messages (§6 core): send, page, edit, delete, read markers, receipts and search.
+
+Every change takes the conversation's next seq inside the writing transaction and is
+written to the conversation's event log with it.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from parley.auth.service import Principal
+from parley.config import Settings
+from parley.conversations import repository as conversations_repository
+from parley.conversations.service import (
+    ConversationNotFound,
+    access_membership,
+    user_ref,
+)
+from parley.db.base import utcnow
+from parley.errors import Conflict, Forbidden, NotFound, Unprocessable
+from parley.messages import repository
+from parley.messages.schemas import (
+    MessageCreate,
+    MessageList,
+    MessageOut,
+    MessagePage,
+    ReceiptList,
+    ReceiptOut,
+    VersionList,
+    VersionOut,
+)
+from parley.models import Conversation, Membership, Message, MessageVersion, User
+from parley.pagination import InvalidCursor, decode_cursor, encode_cursor
+
+# `@name` where name is a username; the lookbehind keeps e-mail addresses out.
+MENTION_RE = re.compile(r"(?<![\w.@-])@([A-Za-z0-9_.-]{3,32})")
+MAX_MENTIONS = 50  # a message naming more people than this is a broadcast, not a mention
+
+
+class MessageNotFound(NotFound):
+    def __init__(self) -> None:
+        super().__init__("No such message")
+
+
+class _Duplicate(Exception):
+    """Raised inside the send savepoint when a retry finds the original after the lock."""
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+
+
+def check_content(settings: Settings, content: str) -> None:
+    if len(content) > settings.max_message_chars:
+        raise Unprocessable(
+            f"A message has at most {settings.max_message_chars} characters",
+            errors=[
+                {
+                    "loc": ["body", "content"],
+                    "msg": f"longer than {settings.max_message_chars} characters",
+                    "type": "string_too_long",
+                }
+            ],
+        )
+
+
+async def _mentioned_members(
+    session: AsyncSession, conversation_id: uuid.UUID, sender_id: uuid.UUID, content: str
+) -> list[uuid.UUID]:
+    names = list(dict.fromkeys(m.lower() for m in MENTION_RE.findall(content)))[:MAX_MENTIONS]
+    ids = await repository.member_ids_by_username(session, conversation_id, names)
+    return [i for i in ids if i != sender_id]
+
+
+async def access_message(
+    session: AsyncSession, principal: Principal, message_id: uuid.UUID
+) -> tuple[Message, Membership]:
+    found = await repository.get_for_member(session, message_id, principal.id)
+    if found is None:
+        raise MessageNotFound()
+    return found
+
+
+# -- writes -----------------------------------------------------------------------------
+
+
+async def do_send_message(
+    session: AsyncSession,
+    settings: Settings,
+    principal: Principal,
+    conversation_id: uuid.UUID,
+    data: MessageCreate,
+) -> tuple[Message, bool]:
+    """Store a message; (message, created). A retry with a known client_msg_id returns the
+    original with created=False."""
+    check_content(settings, data.content)
+    await access_membership(session, principal, conversation_id)
+    if data.client_msg_id is not None:
+        existing = await repository.find_by_client_id(
+            session, conversation_id, principal.id, data.client_msg_id
+        )
+        if existing is not None:
+            return existing, False
+    if data.reply_to_id is not None:
+        parent = await session.get(Message, data.reply_to_id)
+        if parent is None or parent.conversation_id != conversation_id:
+            raise Unprocessable(
+                "reply_to_id is not a message of this conversation",
+                errors=[
+                    {
+                        "loc": ["body", "reply_to_id"],
+                        "msg": "unknown message",
+                        "type": "value_error",
+                    }
+                ],
+            )
+    if data.attachment_ids:
+        raise Unprocessable(
+            "File attachments are not available yet",
+            errors=[
+                {
+                    "loc": ["body", "attachment_ids"],
+                    "msg": "not supported yet",
+                    "type": "value_error",
+                }
+            ],
+        )
+    try:
+        async with session.begin_nested():
+            message = await _insert_message_txn(session, principal, conversation_id, data)
+    except _Duplicate as dup:
+        return dup.message, False
+    except IntegrityError:
+        # The unique (conversation, sender, client_msg_id) index caught a concurrent twin
+        # that the re-check under the lock could not see (it has committed since).
+        if data.client_msg_id is None:
+            raise
+        existing = await repository.find_by_client_id(
+            session, conversation_id, principal.id, data.client_msg_id
+        )
+        if existing is None:
+            raise
+        return existing, False
+    return message, True
+
+
+async def _insert_message_txn(
+    session: AsyncSession, principal: Principal, conversation_id: uuid.UUID, data: MessageCreate
+) -> Message:
+    try:
+        seq = await conversations_repository.next_seq_txn(session, conversation_id, activity=True)
+    except LookupError as exc:
+        raise ConversationNotFound() from exc
+    if data.client_msg_id is not None:
+        # Holding the conversation lock now: a concurrent twin has either committed (and
+        # is visible to this statement) or is waiting behind us.
+        twin = await repository.find_by_client_id(
+            session, conversation_id, principal.id, data.client_msg_id
+        )
+        if twin is not None:
+            raise _Duplicate(twin)
+    message = Message(
+        id=uuid.uuid4(),
+        conversation_id=conversation_id,
+        seq=seq,
+        updated_seq=seq,
+        sender_id=principal.id,
+        content=data.content,
+        client_msg_id=data.client_msg_id,
+        reply_to_id=data.reply_to_id,
+        created_at=utcnow(),
+    )
+    session.add(message)
+    await session.flush()
+    await conversations_repository.record_event_txn(
+        session,
+        conversation_id,
+        seq,
+        "message.created",
+        message_id=message.id,
+        actor_id=principal.id,
+    )
+    mentioned = await _mentioned_members(session, conversation_id, principal.id, data.content)
+    await repository.replace_mentions(session, message, mentioned)
+    # Sending moves the sender's own read marker to the message.
+    await repository.advance_read_marker(session, conversation_id, principal.id, seq)
+    await session.flush()
+    return message
+
+
+async def do_edit_message(
+    session: AsyncSession,
+    settings: Settings,
+    principal: Principal,
+    message_id: uuid.UUID,
+    content: str,
+) -> Message:
+    check_content(settings, content)
+    message, _ = await access_message(session, principal, message_id)
+    if message.sender_id != principal.id:
+        raise Forbidden("Only the author edits a message")
+    if message.deleted_at is not None:
+        raise Conflict("The message was deleted")
+    if content == message.content:
+        return message
+    seq = await conversations_repository.next_seq_txn(session, message.conversation_id)
+    now = utcnow()
+    session.add(
+        MessageVersion(
+            message_id=message.id,
+            content=message.content,
+            created_at=message.edited_at or message.created_at,
+            replaced_at=now,
+        )
+    )
+    message.content = content
+    message.edited_at = now
+    message.updated_seq = seq
+    await conversations_repository.record_event_txn(
+        session,
+        message.conversation_id,
+        seq,
+        "message.updated",
+        message_id=message.id,
+        actor_id=principal.id,
+    )
+    mentioned = await _mentioned_members(
+        session, message.conversation_id, message.sender_id, content
+    )
+    await repository.replace_mentions(session, message, mentioned)
+    await session.flush()
+    return message
+
+
+async def do_delete_message(
+    session: AsyncSession, principal: Principal, message_id: uuid.UUID
+) -> Message:
+    found = await repository.get_for_member(session, message_id, principal.id)
+    if found is not None:
+        message, membership = found
+        allowed = (
+            message.sender_id == principal.id
+            or membership.role in ("owner", "admin")
+            or principal.is_admin
+        )
+        if not allowed:
+            raise Forbidden("Only the author or the conversation's owner or admins delete it")
+    else:
+        # Global admins may delete any message, also where they are not members.
+        message_or_none = (
+            await repository.get_in_live_conversation(session, message_id)
+            if principal.is_admin
+            else None
+        )
+        if message_or_none is None:
+            raise MessageNotFound()
+        message = message_or_none
+    if message.deleted_at is not None:
+        return message  # deleting twice changes nothing and takes no seq
+    seq = await conversations_repository.next_seq_txn(session, message.conversation_id)
+    # Soft delete: the row keeps its place in history, but the content, earlier versions
+    # and mentions are gone from every response and from search.
+    message.content = ""
+    message.deleted_at = utcnow()
+    message.updated_seq = seq
+    await repository.delete_versions(session, message.id)
+    await repository.replace_mentions(session, message, [])
+    await conversations_repository.record_event_txn(
+        session,
+        message.conversation_id,
+        seq,
+        "message.deleted",
+        message_id=message.id,
+        actor_id=principal.id,
+    )
+    await session.flush()
+    return message
+
+
+async def do_mark_read(
+    session: AsyncSession, principal: Principal, conversation_id: uuid.UUID, seq: int
+) -> int:
+    """Move the caller's read marker forward, at most to last_seq; the marker after."""
+    access = await access_membership(session, principal, conversation_id)
+    assert access.membership is not None
+    target = min(seq, access.conversation.last_seq)
+    if target > access.membership.last_read_seq:
+        await repository.advance_read_marker(session, conversation_id, principal.id, target)
+        return target
+    return access.membership.last_read_seq
+
+
+# -- reads ------------------------------------------------------------------------------
+
+
+async def build_views(
+    session: AsyncSession, principal: Principal, messages: Sequence[Message]
+) -> list[MessageOut]:
+    """Message objects for one viewer, with a fixed number of queries per page."""
+    if not messages:
+        return []
+    users = await repository.users_by_id(session, [m.sender_id for m in messages])
+    mentions = await repository.mentions_of(
+        session, [m.id for m in messages if m.deleted_at is None]
+    )
+    markers: dict[uuid.UUID, tuple[int | None, int | None]] = {}
+    own = {m.conversation_id for m in messages if m.sender_id == principal.id}
+    kinds: dict[uuid.UUID, str] = {}
+    for conversation_id in own:
+        conversation = await session.get(Conversation, conversation_id)
+        kinds[conversation_id] = conversation.kind if conversation else "room"
+        if kinds[conversation_id] != "room":
+            markers[conversation_id] = await repository.others_markers(
+                session, conversation_id, principal.id
+            )
+    views = []
+    for message in messages:
+        status = None
+        if message.sender_id == principal.id and message.conversation_id in markers:
+            min_read, min_delivered = markers[message.conversation_id]
+            if min_read is None or min_read >= message.seq:
+                status = "read"
+            elif min_delivered is not None and min_delivered >= message.seq:
+                status = "delivered"
+            else:
+                status = "sent"
+        views.append(
+            message_view(message, users[message.sender_id], mentions.get(message.id, []), status)
+        )
+    return views
+
+
+def message_view(
+    message: Message, sender: User, mentions: list[uuid.UUID], status: str | None = None
+) -> MessageOut:
+    deleted = message.deleted_at is not None
+    return MessageOut(
+        id=message.id,
+        conversation_id=message.conversation_id,
+        seq=message.seq,
+        updated_seq=message.updated_seq,
+        sender=user_ref(sender),
+        content="" if deleted else message.content,
+        client_msg_id=message.client_msg_id,
+        reply_to_id=message.reply_to_id,
+        attachments=[],
+        reactions=[],
+        mentions=[] if deleted else mentions,
+        pinned=False,
+        created_at=message.created_at,
+        edited_at=message.edited_at,
+        deleted=deleted,
+        status=status,  # type: ignore[arg-type]
+    )
+
+
+async def list_history(
+    session: AsyncSession,
+    principal: Principal,
+    conversation_id: uuid.UUID,
+    *,
+    before: int | None,
+    after: int | None,
+    changed_after: int | None,
+    limit: int,
+) -> MessagePage:
+    await access_membership(session, principal, conversation_id)
+    if changed_after is not None:
+        if before is not None or after is not None:
+            raise Unprocessable(
+                "changed_after cannot be combined with before or after",
+                errors=[
+                    {"loc": ["query", "changed_after"], "msg": "use alone", "type": "value_error"}
+                ],
+            )
+        rows, has_more = await repository.changed_after(
+            session, conversation_id, changed_after, limit
+        )
+    else:
+        rows, has_more = await repository.page(
+            session, conversation_id, before=before, after=after, limit=limit
+        )
+    return MessagePage(messages=await build_views(session, principal, rows), has_more=has_more)
+
+
+async def get_message(
+    session: AsyncSession, principal: Principal, message_id: uuid.UUID
+) -> MessageOut:
+    message, _ = await access_message(session, principal, message_id)
+    return (await build_views(session, principal, [message]))[0]
+
+
+def _time_id_cursor(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
+    if not cursor:
+        return None
+    at, item_id = decode_cursor(cursor, 2)
+    try:
+        return datetime.fromisoformat(str(at)), uuid.UUID(str(item_id))
+    except ValueError as exc:
+        raise InvalidCursor() from exc
+
+
+async def list_versions(
+    session: AsyncSession,
+    principal: Principal,
+    message_id: uuid.UUID,
+    *,
+    cursor: str | None,
+    limit: int,
+) -> VersionList:
+    message, _ = await access_message(session, principal, message_id)
+    if message.deleted_at is not None:
+        return VersionList(versions=[], next_cursor=None)
+    rows = await repository.versions(
+        session, message.id, after=_time_id_cursor(cursor), limit=limit + 1
+    )
+    page = rows[:limit]
+    next_cursor = (
+        encode_cursor(page[-1].replaced_at.isoformat(), page[-1].id) if len(rows) > limit else None
+    )
+    return VersionList(
+        versions=[
+            VersionOut(content=v.content, created_at=v.created_at, replaced_at=v.replaced_at)
+            for v in page
+        ],
+        next_cursor=next_cursor,
+    )
+
+
+async def list_receipts(
+    session: AsyncSession,
+    principal: Principal,
+    message_id: uuid.UUID,
+    *,
+    cursor: str | None,
+    limit: int,
+) -> ReceiptList:
+    message, _ = await access_message(session, principal, message_id)
+    after_user = None
+    if cursor:
+        try:
+            after_user = uuid.UUID(str(decode_cursor(cursor, 1)[0]))
+        except ValueError as exc:
+            raise InvalidCursor() from exc
+    rows = await repository.receipts(
+        session, message, principal.id, after_user=after_user, limit=limit + 1
+    )
+    page = rows[:limit]
+    receipts = []
+    for membership, read_at in page:
+        read = membership.last_read_seq >= message.seq
+        receipts.append(
+            ReceiptOut(
+                user_id=membership.user_id,
+                delivered=read or membership.delivered_seq >= message.seq,
+                read=read,
+                # A member who joined after the message has "read" it without a read time.
+                read_at=read_at if read else None,
+            )
+        )
+    next_cursor = encode_cursor(page[-1][0].user_id) if len(rows) > limit else None
+    return ReceiptList(receipts=receipts, next_cursor=next_cursor)
+
+
+async def search_messages(
+    session: AsyncSession,
+    principal: Principal,
+    q: str,
+    *,
+    conversation_id: uuid.UUID | None,
+    cursor: str | None,
+    limit: int,
+) -> MessageList:
+    if conversation_id is not None:
+        await access_membership(session, principal, conversation_id)
+    rows = await repository.search(
+        session,
+        principal.id,
+        q,
+        conversation_id=conversation_id,
+        after=_time_id_cursor(cursor),
+        limit=limit + 1,
+    )
+    return await _message_list(session, principal, rows, limit)
+
+
+async def list_user_messages(
+    session: AsyncSession,
+    principal: Principal,
+    user_id: uuid.UUID,
+    *,
+    cursor: str | None,
+    limit: int,
+) -> MessageList:
+    if await session.get(User, user_id) is None:
+        raise NotFound("No such user")
+    rows = await repository.by_sender_readable(
+        session, principal.id, user_id, after=_time_id_cursor(cursor), limit=limit + 1
+    )
+    return await _message_list(session, principal, rows, limit)
+
+
+async def _message_list(
+    session: AsyncSession, principal: Principal, rows: list[Message], limit: int
+) -> MessageList:
+    page = rows[:limit]
+    next_cursor = (
+        encode_cursor(page[-1].created_at.isoformat(), page[-1].id) if len(rows) > limit else None
+    )
+    return MessageList(
+        messages=await build_views(session, principal, page), next_cursor=next_cursor
+    )
