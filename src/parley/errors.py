@@ -131,6 +131,9 @@ def problem_response(
     }
     if errors is not None:
         body["errors"] = errors
+    if body["request_id"]:
+        # Also set here because a 500 is rendered outside the request-id middleware.
+        headers = {**(headers or {}), "X-Request-ID": body["request_id"]}
     return JSONResponse(
         body, status_code=status, headers=headers, media_type="application/problem+json"
     )

@@ -10,21 +10,9 @@ from sqlalchemy.engine import Connection
 import parley.models  # noqa: F401  (registers every table)
 from parley.db.base import Base
 from parley.db.engine import create_engine
+from parley.db.migrate import include_object
 
 target_metadata = Base.metadata
-
-# Objects that live outside the ORM metadata on purpose (search indexes written by hand
-# for one dialect); the models-vs-migrations check must not report them.
-EXTERNAL_OBJECTS = frozenset({"messages_fts", "ix_messages_content_trgm"})
-
-
-def include_object(
-    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
-) -> bool:
-    if name is None:
-        return True
-    return not (name in EXTERNAL_OBJECTS or name.startswith("messages_fts"))
-
 
 def _run(connection: Connection) -> None:
     context.configure(
