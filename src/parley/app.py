@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             app.state.shutting_down = True
+            await app.state.rate_limiter.aclose()
             if app.state.redis is not None:
                 await app.state.redis.aclose()
             await app.state.db.dispose()

@@ -129,6 +129,7 @@ def create_admin(
 
 
 async def _create_admin(settings: Settings, username: str, password: str) -> bool:
+    from parley.auth.repository import end_sessions
     from parley.auth.security import PasswordHasher
     from parley.auth.service import do_create_user
     from parley.db.session import Database
@@ -146,6 +147,8 @@ async def _create_admin(settings: Settings, username: str, password: str) -> boo
                 user.password_hash = await hasher.hash(password)
                 user.is_active = True
                 user.deactivated_at = None
+                # A new password ends the sessions opened with the old one (§3).
+                await end_sessions(session, user_id=user.id, reason="password_changed")
                 return False
             await do_create_user(
                 session, hasher, username=username, password=password, role="admin"

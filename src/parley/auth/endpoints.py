@@ -23,7 +23,7 @@ from parley.db.session import SessionDep
 from parley.deps import HasherDep, SettingsDep
 from parley.errors import MalformedJSON, Unprocessable, error_responses
 from parley.ops.ratelimit import RateLimiter
-from parley.users.schemas import UserOut
+from parley.users.schemas import MeOut
 
 router = APIRouter(prefix=f"{API_PREFIX}/auth", tags=["auth"])
 
@@ -85,6 +85,21 @@ async def _read_login(request: Request) -> LoginIn:
     try:
         if content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
             form = await request.form()
+            # OAuth2 (RFC 6749 §4.3.2) names the grant; FastAPI's own password form takes
+            # it as optional but, when given, it must be "password". Other OAuth2 fields
+            # (scope, client_id) carry nothing for Parley and are ignored.
+            grant_type = form.get("grant_type")
+            if grant_type is not None and grant_type != "password":
+                raise Unprocessable(
+                    "Only the OAuth2 password grant is supported",
+                    errors=[
+                        {
+                            "loc": ["body", "grant_type"],
+                            "msg": "Input should be 'password'",
+                            "type": "literal_error",
+                        }
+                    ],
+                )
             fields = {k: v for k, v in form.items() if k in ("username", "password")}
             return LoginIn.model_validate(fields)
         try:
@@ -136,8 +151,8 @@ async def issue_ticket(principal: CurrentUser, session: SessionDep) -> TicketOut
 
 
 @router.get("/me", operation_id="get_me", responses=error_responses(401))
-async def me(principal: CurrentUser) -> UserOut:
-    return UserOut.of(principal.user, me=True)
+async def me(principal: CurrentUser) -> MeOut:
+    return MeOut.of_me(principal.user)
 
 
 @router.post(

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BeforeValidator, BaseModel, EmailStr, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, EmailStr, Field, StringConstraints
 
 from parley.schemas import StrictModel
-from parley.users.schemas import UserOut
+from parley.users.schemas import MeOut
 
 USERNAME_PATTERN = r"^[a-z0-9_.-]{3,32}$"
 
@@ -51,7 +51,7 @@ class PasswordChangeIn(StrictModel):
 
 
 class TokenOut(BaseModel):
-    user: UserOut
+    user: MeOut
     access_token: str
     refresh_token: str
     token_type: Literal["bearer"] = "bearer"  # noqa: S105 (a scheme name, not a secret)

@@ -24,7 +24,7 @@ from parley.config import Settings
 from parley.db.base import utcnow
 from parley.errors import Conflict, InvalidCredentials, Unauthorized
 from parley.models import AuthSession, RefreshToken, Ticket, User
-from parley.users.schemas import UserOut
+from parley.users.schemas import MeOut
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +103,7 @@ async def _issue_tokens(
         ttl=settings.access_token_ttl,
     )
     return TokenOut(
-        user=UserOut.of(user, me=True),
+        user=MeOut.of_me(user),
         access_token=access,
         refresh_token=refresh,
         expires_in=settings.access_token_ttl,
@@ -153,6 +153,10 @@ async def do_refresh(session: AsyncSession, settings: Settings, refresh_token: s
     user = await session.get(User, live.user_id) if live else None
     if live is None or user is None or not user.is_active:
         raise Unauthorized("The session has ended")
+    # PARLEY_REFRESH_TOKEN_TTL is the lifetime of each refresh token, so every rotation
+    # gives the session that long again: a client in use stays signed in, one left
+    # unused for the whole TTL has to log in again.
+    live.expires_at = utcnow() + timedelta(seconds=settings.refresh_token_ttl)
     return await _issue_tokens(session, settings, user, live.id)
 
 

@@ -77,7 +77,8 @@ async def list_conversations(
 async def list_public_rooms(
     principal: CurrentUser,
     session: SessionDep,
-    q: Annotated[str | None, Query(max_length=100)] = None,
+    # No NUL: PostgreSQL text cannot hold one, and no room name contains one.
+    q: Annotated[str | None, Query(max_length=100, pattern=r"^[^\x00]*$")] = None,
     limit: Limit = DEFAULT_PAGE,
     cursor: Cursor = None,
 ) -> ConversationList:

@@ -159,10 +159,15 @@ async def list_public(
     q: str | None,
     after: tuple[str, uuid.UUID] | None,
     limit: int,
-) -> list[tuple[Conversation, Membership | None]]:
+) -> list[tuple[Conversation, Membership | None, str]]:
+    """Rooms by lower-cased name, each with its sort key as the database computed it.
+
+    The next page's cursor must carry that key, not Python's `str.lower()` of the name:
+    the two differ outside ASCII (SQLite's lower() folds ASCII only), and a cursor key
+    the database does not order the same way skips or repeats rooms."""
     name_key = func.lower(Conversation.name)
     stmt = (
-        select(Conversation, Membership)
+        select(Conversation, Membership, name_key)
         .outerjoin(
             Membership,
             and_(Membership.conversation_id == Conversation.id, Membership.user_id == viewer_id),
@@ -178,7 +183,7 @@ async def list_public(
         name, cid = after
         stmt = stmt.where(or_(name_key > name, and_(name_key == name, Conversation.id > cid)))
     stmt = stmt.order_by(name_key, Conversation.id).limit(limit)
-    return [(c, m) for c, m in (await session.execute(stmt)).all()]
+    return [(c, m, key or "") for c, m, key in (await session.execute(stmt)).all()]
 
 
 async def last_messages(

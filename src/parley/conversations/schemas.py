@@ -13,6 +13,14 @@ Kind = Literal["direct", "group", "room"]
 Role = Literal["owner", "admin", "member"]
 
 
+def _no_nul(value: str | None) -> str | None:
+    # PostgreSQL text cannot store NUL: refuse it here (422) instead of failing in the
+    # database (500), and on SQLite too, so both backends accept the same names.
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
 def _not_blank(value: str) -> str:
     value = value.strip()
     if not value:
@@ -26,8 +34,12 @@ def _strip_optional(value: str | None) -> str | None:
     return value.strip() or None
 
 
-Name = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_not_blank)]
-Topic = Annotated[str | None, Field(max_length=500), AfterValidator(_strip_optional)]
+Name = Annotated[
+    str, Field(min_length=1, max_length=100), AfterValidator(_no_nul), AfterValidator(_not_blank)
+]
+Topic = Annotated[
+    str | None, Field(max_length=500), AfterValidator(_no_nul), AfterValidator(_strip_optional)
+]
 # §2 bounds `member_ids`: more than 100 at creation is a bulk import, not a chat action.
 MAX_INITIAL_MEMBERS = 100
 

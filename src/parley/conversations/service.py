@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -349,6 +349,11 @@ async def do_join(
     session: AsyncSession, settings: Settings, principal: Principal, conversation_id: uuid.UUID
 ) -> Membership:
     access = await access_for_update(session, principal, conversation_id, public_ok=True)
+    if access.conversation.kind != "room":
+        # Only a member gets this far for a group or direct conversation (others get
+        # 404): members of those are added, never join, and "joining" is refused
+        # rather than answered as if it meant something.
+        raise Forbidden("Only rooms can be joined")
     if access.membership is not None:
         return access.membership  # joining twice is a no-op, not a new seq
     if await repository.is_banned(session, conversation_id, principal.id):
@@ -545,7 +550,7 @@ async def build_views(
         views.append(
             ConversationOut(
                 id=conversation.id,
-                kind=conversation.kind,  # type: ignore[arg-type]
+                kind=conversation.kind,
                 name=name,
                 topic=conversation.topic,
                 created_at=conversation.created_at,
@@ -553,7 +558,7 @@ async def build_views(
                 member_count=conversation.member_count,
                 last_seq=conversation.last_seq,
                 last_message=preview,
-                my_role=membership.role if membership else None,  # type: ignore[arg-type]
+                my_role=membership.role if membership else None,
                 last_read_seq=membership.last_read_seq if membership else 0,
                 unread_count=unread.get(conversation.id, 0),
                 mention_count=mentions.get(conversation.id, 0),
@@ -593,16 +598,15 @@ async def list_public(
     after = None
     if cursor:
         name, cid = decode_cursor(cursor, 2)
-        after = (str(name), _parse_uuid(cid))
+        after = (_parse_name_key(name), _parse_uuid(cid))
     rows = await repository.list_public(session, principal.id, q=q, after=after, limit=limit + 1)
     page = rows[:limit]
     next_cursor = None
     if len(rows) > limit:
-        last = page[-1][0]
-        next_cursor = encode_cursor((last.name or "").lower(), last.id)
-    return ConversationList(
-        conversations=await build_views(session, principal, page), next_cursor=next_cursor
-    )
+        last, _, sort_key = page[-1]
+        next_cursor = encode_cursor(sort_key, last.id)
+    views = await build_views(session, principal, [(c, m) for c, m, _ in page])
+    return ConversationList(conversations=views, next_cursor=next_cursor)
 
 
 async def list_members(
@@ -614,7 +618,7 @@ async def list_members(
     limit: int,
 ) -> MemberList:
     await access_membership(session, principal, conversation_id)
-    after = int(decode_cursor(cursor, 1)[0]) if cursor else None
+    after = _parse_seq(decode_cursor(cursor, 1)[0]) if cursor else None
     rows = await repository.list_members(session, conversation_id, after_seq=after, limit=limit + 1)
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1][0].joined_seq) if len(rows) > limit else None
@@ -625,7 +629,7 @@ async def list_members(
             MemberOut(
                 conversation_id=membership.conversation_id,
                 user_id=membership.user_id,
-                role=membership.role,  # type: ignore[arg-type]
+                role=membership.role,
                 joined_at=membership.joined_at,
                 username=ref.username,
                 display_name=ref.display_name,
@@ -638,16 +642,37 @@ def membership_out(membership: Membership) -> MembershipOut:
     return MembershipOut(
         conversation_id=membership.conversation_id,
         user_id=membership.user_id,
-        role=membership.role,  # type: ignore[arg-type]
+        role=membership.role,
         joined_at=membership.joined_at,
     )
 
 
+# Cursors come back from clients: each part is checked before it reaches SQL, so a
+# forged or damaged cursor is a 422, never a database error (500).
+MAX_SEQ = 2**31 - 1  # seqs are INTEGER columns
+
+
 def _parse_time(value: object) -> datetime:
     try:
-        return datetime.fromisoformat(str(value))
-    except ValueError as exc:
+        at = datetime.fromisoformat(str(value))
+        if at.tzinfo is None:
+            raise ValueError("every timestamp this API gives out is UTC-aware")
+        return at.astimezone(UTC)  # year 1 at +01:00 overflows here, not in the driver
+    except (ValueError, OverflowError) as exc:
         raise InvalidCursor() from exc
+
+
+def _parse_seq(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEQ:
+        raise InvalidCursor()
+    return value
+
+
+def _parse_name_key(value: object) -> str:
+    # PostgreSQL text cannot hold NUL; no room name contains one.
+    if not isinstance(value, str) or "\x00" in value:
+        raise InvalidCursor()
+    return value
 
 
 def _parse_uuid(value: object) -> uuid.UUID:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
@@ -29,6 +30,14 @@ class RateLimiter:
         self._limiter = SlidingWindowCounterRateLimiter(storage)
         self.login = parse(settings.login_rate)
         self.register = parse(settings.register_rate)
+
+    async def aclose(self) -> None:
+        """Close the Redis connections of the limiter's storage (nothing in memory)."""
+        # `limits` offers no close(); its redis-py client sits on the storage's bridge.
+        bridge: Any = getattr(self._storage, "bridge", None)
+        client = getattr(bridge, "storage", None)
+        if client is not None:
+            await client.aclose()
 
     async def check(self, item: RateLimitItem, *identifiers: str) -> None:
         """Count one hit; raise 429 with Retry-After when the limit is spent."""

@@ -18,6 +18,7 @@ from parley.users.schemas import (
     AdminUserList,
     AdminUserOut,
     AdminUserPatch,
+    MeOut,
     UserList,
     UserOut,
     UserPatch,
@@ -48,9 +49,9 @@ async def list_users(
 
 
 @router.patch("/me", operation_id="update_me", responses=error_responses(409))
-async def update_me(body: UserPatch, principal: CurrentUser, session: SessionDep) -> UserOut:
+async def update_me(body: UserPatch, principal: CurrentUser, session: SessionDep) -> MeOut:
     user = await service.do_update_me(session, principal, body)
-    return UserOut.of(user, me=True)
+    return MeOut.of_me(user)
 
 
 @router.delete("/me", status_code=204, operation_id="delete_me")
@@ -60,7 +61,9 @@ async def delete_me(principal: CurrentUser, session: SessionDep) -> Response:
 
 
 @router.get("/{user_id}", operation_id="get_user")
-async def get_user(user_id: uuid.UUID, principal: CurrentUser, session: SessionDep) -> UserOut:
+async def get_user(
+    user_id: uuid.UUID, principal: CurrentUser, session: SessionDep
+) -> MeOut | UserOut:
     user = await service.access_user(session, user_id)
     return UserOut.of(user, me=user.id == principal.id)
 

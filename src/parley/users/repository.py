@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.models import Conversation, Message, User
@@ -14,9 +14,16 @@ def _escape_like(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def search_stmt(
-    q: str | None, after_username: str | None, *, include_inactive: bool
-) -> Select[tuple[User]]:
+async def list_users(
+    session: AsyncSession,
+    *,
+    q: str | None,
+    after_username: str | None,
+    limit: int,
+    include_inactive: bool = False,
+) -> list[User]:
+    """Users by username, after `after_username`; `q` is a case-insensitive prefix of the
+    username or the display name."""
     stmt = select(User)
     if not include_inactive:
         stmt = stmt.where(User.is_active.is_(True))
@@ -30,19 +37,7 @@ def search_stmt(
         )
     if after_username is not None:
         stmt = stmt.where(User.username > after_username)
-    return stmt.order_by(User.username)
-
-
-async def list_users(
-    session: AsyncSession,
-    *,
-    q: str | None,
-    after_username: str | None,
-    limit: int,
-    include_inactive: bool = False,
-) -> list[User]:
-    stmt = search_stmt(q, after_username, include_inactive=include_inactive).limit(limit)
-    return list((await session.scalars(stmt)).all())
+    return list((await session.scalars(stmt.order_by(User.username).limit(limit))).all())
 
 
 async def get_active(session: AsyncSession, user_id: uuid.UUID) -> User | None:

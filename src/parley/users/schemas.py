@@ -14,29 +14,54 @@ DELETED_DISPLAY_NAME = "Deleted user"
 
 
 class UserOut(BaseModel):
+    """A user as anyone may see them (§4). No email: that is only on one's own user."""
+
     id: uuid.UUID
     username: str
     display_name: str | None
     role: Literal["user", "admin"]
     created_at: datetime
     updated_at: datetime
-    # Only on the caller's own user.
-    email: str | None = Field(default=None)
 
     @classmethod
-    def of(cls, user: User, *, me: bool = False) -> UserOut:
-        return cls(
+    def of(cls, user: User, *, me: bool = False) -> MeOut | UserOut:
+        """The user as the caller sees them: with the email when it is the caller's own."""
+        if me:
+            return MeOut.of_me(user)
+        return UserOut(
             id=user.id,
             username=user.username,
             display_name=user.display_name,
-            role=user.role,  # type: ignore[arg-type]
+            role=user.role,
             created_at=user.created_at,
             updated_at=user.updated_at,
-            email=user.email if me else None,
         )
 
 
-class AdminUserOut(UserOut):
+class MeOut(UserOut):
+    """The caller's own user: the public fields plus the email.
+
+    A class of its own rather than `email: null` on everyone else, so that other users'
+    objects do not carry the key at all and the schema says which responses have it."""
+
+    email: str | None
+
+    @classmethod
+    def of_me(cls, user: User) -> MeOut:
+        return MeOut(
+            id=user.id,
+            username=user.username,
+            display_name=user.display_name,
+            role=user.role,
+            created_at=user.created_at,
+            updated_at=user.updated_at,
+            email=user.email,
+        )
+
+
+class AdminUserOut(MeOut):
+    """What a global admin sees of any user: also the email and whether it is active."""
+
     is_active: bool
 
     @classmethod
@@ -45,7 +70,7 @@ class AdminUserOut(UserOut):
             id=user.id,
             username=user.username,
             display_name=user.display_name,
-            role=user.role,  # type: ignore[arg-type]
+            role=user.role,
             created_at=user.created_at,
             updated_at=user.updated_at,
             email=user.email,
@@ -62,7 +87,8 @@ class UserRef(BaseModel):
 
 
 class UserList(BaseModel):
-    users: list[UserOut]
+    # MeOut first: the caller's own entry carries its email, the others do not.
+    users: list[MeOut | UserOut]
     next_cursor: str | None
 
 
