@@ -81,7 +81,9 @@ class Backend:
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+def backend(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Backend]:
     if request.param == "sqlite":
         path = tmp_path_factory.mktemp("sqlite") / "parley.db"
         url = f"sqlite+aiosqlite:///{path}"
@@ -293,7 +295,9 @@ async def group(alice: User, bob: User) -> dict[str, Any]:
     return resp.json()
 
 
-async def send(user: Client, conversation_id: str, content: str = "hello", **fields: Any) -> dict[str, Any]:
+async def send(
+    user: Client, conversation_id: str, content: str = "hello", **fields: Any
+) -> dict[str, Any]:
     resp = await user.post(
         f"/conversations/{conversation_id}/messages", json={"content": content, **fields}
     )

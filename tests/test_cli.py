@@ -16,7 +16,9 @@ from tests.conftest import Backend, make_settings
 PARLEY = [sys.executable, "-m", "parley"]
 
 
-def run(args: list[str], env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str], env: dict[str, str], stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         PARLEY + args,
         env={**os.environ, **env, "PARLEY_LOG_FORMAT": "json"},
@@ -39,7 +41,7 @@ def sqlite_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_python_dash_m_is_the_cli() -> None:
-    result = subprocess.run(PARLEY + ["--help"], capture_output=True, text=True, check=False)
+    result = subprocess.run([*PARLEY, "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0
     for command in ("serve", "migrate", "create-admin", "check-config"):
         assert command in result.stdout
@@ -92,7 +94,10 @@ async def test_create_admin_reads_the_password_from_stdin(tmp_path: Path) -> Non
 
 async def test_create_admin_promotes_an_existing_user_from_a_password_file(tmp_path: Path) -> None:
     env = sqlite_env(tmp_path)
-    assert run(["create-admin", "ops", "--password-stdin"], env, stdin="first-password\n").returncode == 0
+    assert (
+        run(["create-admin", "ops", "--password-stdin"], env, stdin="first-password\n").returncode
+        == 0
+    )
     secret = tmp_path / "pw"
     secret.write_text("second-password\n")
     result = run(["create-admin", "ops", "--password-file", str(secret)], env)
@@ -109,7 +114,9 @@ def test_create_admin_never_takes_a_password_in_argv(tmp_path: Path, args: list[
 
 
 def test_create_admin_refuses_a_short_password(tmp_path: Path) -> None:
-    result = run(["create-admin", "root", "--password-stdin"], sqlite_env(tmp_path), stdin="short\n")
+    result = run(
+        ["create-admin", "root", "--password-stdin"], sqlite_env(tmp_path), stdin="short\n"
+    )
     assert result.returncode != 0
 
 

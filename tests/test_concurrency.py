@@ -25,9 +25,7 @@ async def test_concurrent_senders_get_one_gap_free_sequence(
             seqs.append((await send(user, room["id"], f"t{task} m{i}"))["seq"])
         return seqs
 
-    results = await asyncio.gather(
-        *(sender(alice if t % 2 else bob, t) for t in range(TASKS))
-    )
+    results = await asyncio.gather(*(sender(alice if t % 2 else bob, t) for t in range(TASKS)))
     seqs = sorted(s for r in results for s in r)
     total = TASKS * SENDS_PER_TASK
     assert seqs == list(range(before + 1, before + total + 1))

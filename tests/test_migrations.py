@@ -13,9 +13,8 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
 from parley.db.base import Base
-from parley.db.migrate import upgrade
+from parley.db.migrate import include_object, upgrade
 from parley.db.session import Database
-from parley.db.migrate import include_object
 
 
 def _diff(connection: Connection) -> list[Any]:

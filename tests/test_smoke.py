@@ -5,7 +5,9 @@ from typing import Any
 from tests.conftest import User, send
 
 
-async def test_alice_posts_in_room_and_bob_reads_it(alice: User, bob: User, room: dict[str, Any]) -> None:
+async def test_alice_posts_in_room_and_bob_reads_it(
+    alice: User, bob: User, room: dict[str, Any]
+) -> None:
     message = await send(alice, room["id"], "hi bob")
     resp = await bob.get(f"/conversations/{room['id']}/messages")
     assert resp.status_code == 200

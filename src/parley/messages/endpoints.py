@@ -6,6 +6,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
+from pydantic import AfterValidator
 
 from parley.auth.dependencies import CurrentUser
 from parley.config import API_PREFIX
@@ -22,6 +23,7 @@ from parley.messages.schemas import (
     ReadIn,
     ReceiptList,
     VersionList,
+    check_storable,
 )
 from parley.pagination import DEFAULT_PAGE, Cursor, Limit
 
@@ -91,7 +93,7 @@ async def mark_read(
 async def search_messages(
     principal: CurrentUser,
     session: SessionDep,
-    q: Annotated[str, Query(min_length=1, max_length=100)],
+    q: Annotated[str, Query(min_length=1, max_length=100), AfterValidator(check_storable)],
     conversation_id: uuid.UUID | None = None,
     limit: Limit = DEFAULT_PAGE,
     cursor: Cursor = None,

@@ -5,8 +5,20 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import Select, and_, delete, func, literal_column, or_, select, text, update
+from sqlalchemy import (
+    CursorResult,
+    Select,
+    and_,
+    delete,
+    func,
+    literal_column,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.db.base import utcnow
@@ -19,6 +31,19 @@ TRIGRAM = 3
 
 def escape_like(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def case_forms(term: str) -> list[str]:
+    """Every spelling of a short term that differs only in letter case ("ab": ab, aB, Ab, AB).
+
+    One-character forms only, so the term keeps its length ("ß" does not become "SS")."""
+    forms = [""]
+    for char in term:
+        options = dict.fromkeys(
+            c for c in (char, char.lower(), char.upper(), char.swapcase()) if len(c) == 1
+        )
+        forms = [form + option for form in forms for option in options]
+    return forms
 
 
 async def get_for_member(
@@ -120,15 +145,16 @@ async def mentions_of(
 
 async def member_ids_by_username(
     session: AsyncSession, conversation_id: uuid.UUID, usernames: Sequence[str]
-) -> list[uuid.UUID]:
+) -> dict[str, uuid.UUID]:
+    """The conversation's members among these usernames, by username."""
     if not usernames:
-        return []
+        return {}
     stmt = (
-        select(User.id)
+        select(User.username, User.id)
         .join(Membership, Membership.user_id == User.id)
         .where(Membership.conversation_id == conversation_id, User.username.in_(usernames))
     )
-    return list((await session.scalars(stmt)).all())
+    return {username: user_id for username, user_id in (await session.execute(stmt)).all()}
 
 
 async def replace_mentions(
@@ -173,12 +199,14 @@ async def advance_read_marker(
             last_read_seq=seq,
             last_read_at=now,
             delivered_seq=func.max(Membership.delivered_seq, seq)
-            if session.bind.dialect.name == "sqlite"
+            if session.get_bind().dialect.name == "sqlite"
             else func.greatest(Membership.delivered_seq, seq),
         )
         .execution_options(synchronize_session=False)
     )
-    moved = (await session.execute(stmt)).rowcount > 0  # type: ignore[attr-defined]
+    # An UPDATE answers a CursorResult, which carries the row count.
+    result = cast("CursorResult[Any]", await session.execute(stmt))
+    moved = result.rowcount > 0
     if moved:
         session.add(
             ReadMark(conversation_id=conversation_id, user_id=user_id, seq=seq, read_at=now)
@@ -239,8 +267,8 @@ async def delete_versions(session: AsyncSession, message_id: uuid.UUID) -> None:
 
 
 def _newest_first(
-    stmt: Select[tuple[Message]], after: tuple[datetime, uuid.UUID] | None, limit: int
-) -> Select[tuple[Message]]:
+    stmt: Select[Message], after: tuple[datetime, uuid.UUID] | None, limit: int
+) -> Select[Message]:
     if after is not None:
         at, mid = after
         stmt = stmt.where(
@@ -249,7 +277,7 @@ def _newest_first(
     return stmt.order_by(Message.created_at.desc(), Message.id.desc()).limit(limit)
 
 
-def _readable_by(user_id: uuid.UUID) -> Select[tuple[Message]]:
+def _readable_by(user_id: uuid.UUID) -> Select[Message]:
     """Messages of live conversations the user is a member of, not deleted."""
     return (
         select(Message)
@@ -276,7 +304,7 @@ async def search(
     stmt = _readable_by(user_id)
     if conversation_id is not None:
         stmt = stmt.where(Message.conversation_id == conversation_id)
-    dialect = session.bind.dialect.name
+    dialect = session.get_bind().dialect.name
     pattern = "%" + escape_like(q) + "%"
     if dialect == "postgresql":
         # ILIKE over a pg_trgm GIN index: case-insensitive and partial words.
@@ -288,7 +316,10 @@ async def search(
         ).bindparams(phrase=phrase)
         stmt = stmt.where(literal_column("messages.rowid").in_(matching))
     else:
-        stmt = stmt.where(Message.content.ilike(pattern, escape="\\"))
+        # Shorter than a trigram: a scan of the caller's conversations. SQLite's LIKE and
+        # lower() fold ASCII only ("é" would miss "É"), so every case form of the one or two
+        # characters is looked for instead.
+        stmt = stmt.where(or_(*(func.instr(Message.content, form) > 0 for form in case_forms(q))))
     return list((await session.scalars(_newest_first(stmt, after, limit))).all())
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Literal
@@ -15,6 +16,18 @@ CONTENT_CEILING = 100_000
 MAX_ATTACHMENTS = 10
 
 
+# Characters no database here can store as text: PostgreSQL refuses NUL, and a lone UTF-16
+# surrogate (which JSON's "\ud800" escape can carry) has no UTF-8 encoding at all. Left to
+# the driver they would be a 500; they are a 422 like any other bad input (§9.7).
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def check_storable(value: str) -> str:
+    if _UNSTORABLE.search(value):
+        raise ValueError("must not contain NUL or unpaired surrogate characters")
+    return value
+
+
 def _not_only_whitespace(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty or only white space")
@@ -22,7 +35,10 @@ def _not_only_whitespace(value: str) -> str:
 
 
 Content = Annotated[
-    str, Field(min_length=1, max_length=CONTENT_CEILING), AfterValidator(_not_only_whitespace)
+    str,
+    Field(min_length=1, max_length=CONTENT_CEILING),
+    AfterValidator(check_storable),
+    AfterValidator(_not_only_whitespace),
 ]
 ClientMsgId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")]
 
@@ -48,6 +64,10 @@ class Reaction(BaseModel):
     me: bool
 
 
+# For the sender, in direct and group conversations; null elsewhere.
+Status = Literal["sent", "delivered", "read"]
+
+
 class MessageOut(BaseModel):
     id: uuid.UUID
     conversation_id: uuid.UUID
@@ -64,7 +84,7 @@ class MessageOut(BaseModel):
     created_at: datetime
     edited_at: datetime | None
     deleted: bool
-    status: Literal["sent", "delivered", "read"] | None
+    status: Status | None
 
 
 class MessagePage(BaseModel):

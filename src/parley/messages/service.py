@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -32,15 +32,22 @@ from parley.messages.schemas import (
     MessagePage,
     ReceiptList,
     ReceiptOut,
+    Status,
     VersionList,
     VersionOut,
 )
 from parley.models import Conversation, Membership, Message, MessageVersion, User
 from parley.pagination import InvalidCursor, decode_cursor, encode_cursor
 
-# `@name` where name is a username; the lookbehind keeps e-mail addresses out.
-MENTION_RE = re.compile(r"(?<![\w.@-])@([A-Za-z0-9_.-]{3,32})")
+# `@name` where name is a username; the lookbehind keeps e-mail addresses out. The token
+# runs to the first character no username has, so "@bobby" never mentions "bob".
+MENTION_RE = re.compile(r"(?<![\w.@-])@([A-Za-z0-9_.-]+)")
+USERNAME_CHARS = (3, 32)  # §3: ^[a-z0-9_.-]{3,32}$
 MAX_MENTIONS = 50  # a message naming more people than this is a broadcast, not a mention
+# Seq columns are 32-bit INTEGERs, and PostgreSQL refuses a larger parameter outright. The
+# API takes any JSON-safe integer as a history bound, so larger bounds are narrowed to the
+# seqs that can exist instead of reaching the driver (which would answer 500).
+MAX_STORED_SEQ = 2**31 - 1
 
 
 class MessageNotFound(NotFound):
@@ -72,9 +79,20 @@ def check_content(settings: Settings, content: str) -> None:
 async def _mentioned_members(
     session: AsyncSession, conversation_id: uuid.UUID, sender_id: uuid.UUID, content: str
 ) -> list[uuid.UUID]:
-    names = list(dict.fromkeys(m.lower() for m in MENTION_RE.findall(content)))[:MAX_MENTIONS]
-    ids = await repository.member_ids_by_username(session, conversation_id, names)
-    return [i for i in ids if i != sender_id]
+    """Members named by `@username`, in order of appearance, without the sender.
+
+    Usernames may contain dots, so "thanks @bob." is ambiguous: a member named "bob." wins,
+    else the full stop ends the sentence and "bob" is meant."""
+    tokens = list(dict.fromkeys(t.lower() for t in MENTION_RE.findall(content)))[:MAX_MENTIONS]
+    low, high = USERNAME_CHARS
+    names = {n for t in tokens for n in (t, t.rstrip(".")) if low <= len(n) <= high}
+    members = await repository.member_ids_by_username(session, conversation_id, sorted(names))
+    mentioned: list[uuid.UUID] = []
+    for token in tokens:
+        user_id = members.get(token) or members.get(token.rstrip("."))
+        if user_id is not None and user_id != sender_id and user_id not in mentioned:
+            mentioned.append(user_id)
+    return mentioned
 
 
 async def access_message(
@@ -320,7 +338,7 @@ async def build_views(
             )
     views = []
     for message in messages:
-        status = None
+        status: Status | None = None
         if message.sender_id == principal.id and message.conversation_id in markers:
             min_read, min_delivered = markers[message.conversation_id]
             if min_read is None or min_read >= message.seq:
@@ -336,7 +354,7 @@ async def build_views(
 
 
 def message_view(
-    message: Message, sender: User, mentions: list[uuid.UUID], status: str | None = None
+    message: Message, sender: User, mentions: list[uuid.UUID], status: Status | None = None
 ) -> MessageOut:
     deleted = message.deleted_at is not None
     return MessageOut(
@@ -355,7 +373,7 @@ def message_view(
         created_at=message.created_at,
         edited_at=message.edited_at,
         deleted=deleted,
-        status=status,  # type: ignore[arg-type]
+        status=status,
     )
 
 
@@ -379,11 +397,16 @@ async def list_history(
                 ],
             )
         rows, has_more = await repository.changed_after(
-            session, conversation_id, changed_after, limit
+            session, conversation_id, min(changed_after, MAX_STORED_SEQ), limit
         )
     else:
         rows, has_more = await repository.page(
-            session, conversation_id, before=before, after=after, limit=limit
+            session,
+            conversation_id,
+            # A bound above every possible seq is no bound at all.
+            before=before if before is None or before <= MAX_STORED_SEQ else None,
+            after=after if after is None else min(after, MAX_STORED_SEQ),
+            limit=limit,
         )
     return MessagePage(messages=await build_views(session, principal, rows), has_more=has_more)
 
@@ -400,8 +423,13 @@ def _time_id_cursor(cursor: str | None) -> tuple[datetime, uuid.UUID] | None:
         return None
     at, item_id = decode_cursor(cursor, 2)
     try:
-        return datetime.fromisoformat(str(at)), uuid.UUID(str(item_id))
-    except ValueError as exc:
+        # Every timestamp this API gives out is UTC-aware; a naive one (or one that leaves
+        # the calendar in UTC) was made by hand, and would fail in the query as a 500.
+        parsed = datetime.fromisoformat(str(at))
+        if parsed.tzinfo is None:
+            raise InvalidCursor()
+        return parsed.astimezone(UTC), uuid.UUID(str(item_id))
+    except (ValueError, OverflowError) as exc:
         raise InvalidCursor() from exc
 
 

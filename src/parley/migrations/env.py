@@ -14,6 +14,7 @@ from parley.db.migrate import include_object
 
 target_metadata = Base.metadata
 
+
 def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
