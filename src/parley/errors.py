@@ -75,6 +75,18 @@ class Unprocessable(ParleyError):
         super().__init__(detail)
 
 
+def invalid_field(
+    field: str,
+    msg: str,
+    *,
+    detail: str,
+    type_: str = "value_error",
+    source: str = "body",
+) -> Unprocessable:
+    """A 422 about one input field, shaped like FastAPI's own validation errors."""
+    return Unprocessable(detail, errors=[{"loc": [source, field], "msg": msg, "type": type_}])
+
+
 class MalformedJSON(ParleyError):
     status = 400
     code = "malformed_json"

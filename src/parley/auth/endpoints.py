@@ -21,7 +21,7 @@ from parley.auth.schemas import (
 from parley.config import API_PREFIX
 from parley.db.session import SessionDep
 from parley.deps import HasherDep, SettingsDep
-from parley.errors import MalformedJSON, Unprocessable, error_responses
+from parley.errors import MalformedJSON, Unprocessable, error_responses, invalid_field
 from parley.ops.ratelimit import RateLimiter
 from parley.users.schemas import MeOut
 
@@ -90,15 +90,11 @@ async def _read_login(request: Request) -> LoginIn:
             # (scope, client_id) carry nothing for Parley and are ignored.
             grant_type = form.get("grant_type")
             if grant_type is not None and grant_type != "password":
-                raise Unprocessable(
-                    "Only the OAuth2 password grant is supported",
-                    errors=[
-                        {
-                            "loc": ["body", "grant_type"],
-                            "msg": "Input should be 'password'",
-                            "type": "literal_error",
-                        }
-                    ],
+                raise invalid_field(
+                    "grant_type",
+                    "Input should be 'password'",
+                    detail="Only the OAuth2 password grant is supported",
+                    type_="literal_error",
                 )
             fields = {k: v for k, v in form.items() if k in ("username", "password")}
             return LoginIn.model_validate(fields)
@@ -152,7 +148,7 @@ async def issue_ticket(principal: CurrentUser, session: SessionDep) -> TicketOut
 
 @router.get("/me", operation_id="get_me", responses=error_responses(401))
 async def me(principal: CurrentUser) -> MeOut:
-    return MeOut.of_me(principal.user)
+    return MeOut.model_validate(principal.user)
 
 
 @router.post(

@@ -103,7 +103,7 @@ async def _issue_tokens(
         ttl=settings.access_token_ttl,
     )
     return TokenOut(
-        user=MeOut.of_me(user),
+        user=MeOut.model_validate(user),
         access_token=access,
         refresh_token=refresh,
         expires_in=settings.access_token_ttl,

@@ -28,7 +28,7 @@ from parley.conversations.schemas import (
     MessagePreview,
 )
 from parley.db.base import utcnow
-from parley.errors import Conflict, Forbidden, NotFound, ParleyError, Unprocessable
+from parley.errors import Conflict, Forbidden, NotFound, ParleyError, Unprocessable, invalid_field
 from parley.models import Conversation, ConversationBan, Membership, User
 from parley.pagination import InvalidCursor, decode_cursor, encode_cursor
 from parley.users.schemas import DELETED_DISPLAY_NAME, DELETED_USERNAME, UserRef
@@ -262,11 +262,8 @@ async def do_get_or_create_direct(
 ) -> tuple[Conversation, bool]:
     """The one direct conversation of the pair, and whether it was created now."""
     if other_id == principal.id:
-        raise Unprocessable(
-            "A direct conversation needs another person",
-            errors=[
-                {"loc": ["body", "user_id"], "msg": "cannot be yourself", "type": "value_error"}
-            ],
+        raise invalid_field(
+            "user_id", "cannot be yourself", detail="A direct conversation needs another person"
         )
     other = await session.get(User, other_id)
     if other is None or not other.is_active:
@@ -311,12 +308,7 @@ async def do_update_conversation(
     conversation = access.conversation
     if "name" in patch.model_fields_set:
         if patch.name is None:
-            raise Unprocessable(
-                "A name cannot be removed",
-                errors=[
-                    {"loc": ["body", "name"], "msg": "must not be null", "type": "value_error"}
-                ],
-            )
+            raise invalid_field("name", "must not be null", detail="A name cannot be removed")
         conversation.name = patch.name
     if "topic" in patch.model_fields_set:
         conversation.topic = patch.topic
@@ -412,15 +404,8 @@ async def do_put_member(
 
     if target is None:
         if role == "owner":
-            raise Unprocessable(
-                "Ownership goes to an existing member",
-                errors=[
-                    {
-                        "loc": ["body", "role"],
-                        "msg": "add first, then hand on",
-                        "type": "value_error",
-                    }
-                ],
+            raise invalid_field(
+                "role", "add first, then hand on", detail="Ownership goes to an existing member"
             )
         if role == "admin" and actor.role != "owner":
             raise Forbidden("Only the owner grants admin")

@@ -23,7 +23,7 @@ from parley.conversations.service import (
     user_ref,
 )
 from parley.db.base import utcnow
-from parley.errors import Conflict, Forbidden, NotFound, Unprocessable
+from parley.errors import Conflict, Forbidden, NotFound, invalid_field
 from parley.messages import repository
 from parley.messages.schemas import (
     MessageCreate,
@@ -64,15 +64,11 @@ class _Duplicate(Exception):
 
 def check_content(settings: Settings, content: str) -> None:
     if len(content) > settings.max_message_chars:
-        raise Unprocessable(
-            f"A message has at most {settings.max_message_chars} characters",
-            errors=[
-                {
-                    "loc": ["body", "content"],
-                    "msg": f"longer than {settings.max_message_chars} characters",
-                    "type": "string_too_long",
-                }
-            ],
+        raise invalid_field(
+            "content",
+            f"longer than {settings.max_message_chars} characters",
+            detail=f"A message has at most {settings.max_message_chars} characters",
+            type_="string_too_long",
         )
 
 
@@ -127,26 +123,14 @@ async def do_send_message(
     if data.reply_to_id is not None:
         parent = await session.get(Message, data.reply_to_id)
         if parent is None or parent.conversation_id != conversation_id:
-            raise Unprocessable(
-                "reply_to_id is not a message of this conversation",
-                errors=[
-                    {
-                        "loc": ["body", "reply_to_id"],
-                        "msg": "unknown message",
-                        "type": "value_error",
-                    }
-                ],
+            raise invalid_field(
+                "reply_to_id",
+                "unknown message",
+                detail="reply_to_id is not a message of this conversation",
             )
     if data.attachment_ids:
-        raise Unprocessable(
-            "File attachments are not available yet",
-            errors=[
-                {
-                    "loc": ["body", "attachment_ids"],
-                    "msg": "not supported yet",
-                    "type": "value_error",
-                }
-            ],
+        raise invalid_field(
+            "attachment_ids", "not supported yet", detail="File attachments are not available yet"
         )
     try:
         async with session.begin_nested():
@@ -390,11 +374,11 @@ async def list_history(
     await access_membership(session, principal, conversation_id)
     if changed_after is not None:
         if before is not None or after is not None:
-            raise Unprocessable(
-                "changed_after cannot be combined with before or after",
-                errors=[
-                    {"loc": ["query", "changed_after"], "msg": "use alone", "type": "value_error"}
-                ],
+            raise invalid_field(
+                "changed_after",
+                "use alone",
+                detail="changed_after cannot be combined with before or after",
+                source="query",
             )
         rows, has_more = await repository.changed_after(
             session, conversation_id, min(changed_after, MAX_STORED_SEQ), limit

@@ -51,7 +51,7 @@ async def list_users(
 @router.patch("/me", operation_id="update_me", responses=error_responses(409))
 async def update_me(body: UserPatch, principal: CurrentUser, session: SessionDep) -> MeOut:
     user = await service.do_update_me(session, principal, body)
-    return MeOut.of_me(user)
+    return MeOut.model_validate(user)
 
 
 @router.delete("/me", status_code=204, operation_id="delete_me")
@@ -79,7 +79,9 @@ async def admin_list_users(
     users, next_cursor = await service.list_users(
         session, q=q, cursor=cursor, limit=limit, include_inactive=True
     )
-    return AdminUserList(users=[AdminUserOut.of_admin(u) for u in users], next_cursor=next_cursor)
+    return AdminUserList(
+        users=[AdminUserOut.model_validate(u) for u in users], next_cursor=next_cursor
+    )
 
 
 @admin_router.patch(
@@ -89,7 +91,7 @@ async def admin_update_user(
     user_id: uuid.UUID, body: AdminUserPatch, admin: AdminUser, session: SessionDep
 ) -> AdminUserOut:
     user = await service.do_admin_update(session, admin, user_id, body)
-    return AdminUserOut.of_admin(user)
+    return AdminUserOut.model_validate(user)
 
 
 @admin_router.get("/stats", operation_id="admin_stats", responses=error_responses(403))

@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, EmailStr, Field
+from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
 from parley.models import User
 from parley.schemas import StrictModel
@@ -16,6 +16,8 @@ DELETED_DISPLAY_NAME = "Deleted user"
 class UserOut(BaseModel):
     """A user as anyone may see them (§4). No email: that is only on one's own user."""
 
+    model_config = ConfigDict(from_attributes=True)
+
     id: uuid.UUID
     username: str
     display_name: str | None
@@ -26,16 +28,7 @@ class UserOut(BaseModel):
     @classmethod
     def of(cls, user: User, *, me: bool = False) -> MeOut | UserOut:
         """The user as the caller sees them: with the email when it is the caller's own."""
-        if me:
-            return MeOut.of_me(user)
-        return UserOut(
-            id=user.id,
-            username=user.username,
-            display_name=user.display_name,
-            role=user.role,
-            created_at=user.created_at,
-            updated_at=user.updated_at,
-        )
+        return MeOut.model_validate(user) if me else UserOut.model_validate(user)
 
 
 class MeOut(UserOut):
@@ -46,36 +39,11 @@ class MeOut(UserOut):
 
     email: str | None
 
-    @classmethod
-    def of_me(cls, user: User) -> MeOut:
-        return MeOut(
-            id=user.id,
-            username=user.username,
-            display_name=user.display_name,
-            role=user.role,
-            created_at=user.created_at,
-            updated_at=user.updated_at,
-            email=user.email,
-        )
-
 
 class AdminUserOut(MeOut):
     """What a global admin sees of any user: also the email and whether it is active."""
 
     is_active: bool
-
-    @classmethod
-    def of_admin(cls, user: User) -> AdminUserOut:
-        return cls(
-            id=user.id,
-            username=user.username,
-            display_name=user.display_name,
-            role=user.role,
-            created_at=user.created_at,
-            updated_at=user.updated_at,
-            email=user.email,
-            is_active=user.is_active,
-        )
 
 
 class UserRef(BaseModel):
