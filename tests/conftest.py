@@ -8,6 +8,7 @@ with an error: they are never skipped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -16,7 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
+import uvicorn
+import websockets
+import websockets.asyncio.client
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -25,6 +30,7 @@ from parley.app import create_app
 from parley.config import Settings
 from parley.db.base import Base
 from parley.db.migrate import upgrade
+from parley.ops.server import uvicorn_options
 
 PG_URL = os.environ.get("PARLEY_TEST_DATABASE_URL", "")
 REDIS_URL = os.environ.get("PARLEY_TEST_REDIS_URL", "")
@@ -320,3 +326,117 @@ def assert_problem(resp: httpx.Response, status: int, code: str | None = None) -
     if status == 422 and body["code"] == "validation_error":
         assert isinstance(body.get("errors"), list)
     return body
+
+
+# -- live servers and real-time clients -----------------------------------------------
+
+
+@dataclass
+class LiveServer:
+    """The app served by a real uvicorn on a free loopback port, in this event loop."""
+
+    app: FastAPI
+    port: int
+
+    @property
+    def base(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def ws_url(self, path: str = "/ws", **params: str) -> str:
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return f"ws://{self.base}/api/v1{path}" + (f"?{query}" if query else "")
+
+    async def connect(self, user: User | None, path: str = "/ws", **kwargs: Any) -> WS:
+        params = {"token": user.access_token} if user is not None else {}
+        ws = await websockets.asyncio.client.connect(
+            self.ws_url(path, **params), open_timeout=5, **kwargs
+        )
+        return WS(ws)
+
+
+class WS:
+    """A WebSocket client that reads JSON events."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+
+    async def send(self, **op: Any) -> None:
+        await self.ws.send(orjson.dumps(op).decode())
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        event: dict[str, Any] = orjson.loads(raw)
+        return event
+
+    async def until(
+        self, type_: str, timeout: float = 5.0
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Read until an event of this type; it and everything read before it."""
+        seen: list[dict[str, Any]] = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            event = await self.recv(max(left, 0.01))
+            if event["type"] == type_:
+                return event, seen
+            seen.append(event)
+
+    async def ready(self) -> dict[str, Any]:
+        event = await self.recv()
+        assert event["type"] == "ready", event
+        return event
+
+    async def quiet(self, seconds: float = 0.3) -> list[dict[str, Any]]:
+        """Whatever arrives within `seconds` (expected: nothing)."""
+        got = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                got.append(await self.recv(seconds))
+        return got
+
+    async def closed_with(self, timeout: float = 5.0) -> int | None:
+        with contextlib.suppress(TimeoutError, websockets.exceptions.ConnectionClosed):
+            async with asyncio.timeout(timeout):
+                while True:
+                    await self.ws.recv()
+        return self.ws.close_code  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+LiveFactory = Callable[[FastAPI], Awaitable[LiveServer]]
+
+
+@pytest.fixture
+async def live_factory() -> AsyncIterator[LiveFactory]:
+    servers: list[tuple[Any, asyncio.Task[None]]] = []
+
+    async def start(app: FastAPI) -> LiveServer:
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            lifespan="off",
+            log_level="warning",
+            **uvicorn_options(app.state.settings),
+        )
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        servers.append((server, task))
+        return LiveServer(app, port)
+
+    yield start
+    for server, task in servers:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def live(app: FastAPI, live_factory: LiveFactory) -> LiveServer:
+    return await live_factory(app)

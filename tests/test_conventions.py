@@ -20,6 +20,8 @@ ANONYMOUS_ALLOWED = {
     # These two take the refresh token itself as the credential.
     ("POST", "/api/v1/auth/refresh"),
     ("POST", "/api/v1/auth/logout"),
+    # Protocol documentation, public like /openapi.json.
+    ("GET", "/api/v1/realtime/schema"),
     ("GET", "/health"),
     ("GET", "/ready"),
     ("GET", "/metrics"),

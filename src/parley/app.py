@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
@@ -26,6 +25,9 @@ from parley.ops.logging import configure_logging
 from parley.ops.metrics import router as metrics_router
 from parley.ops.middleware import RequestContextMiddleware
 from parley.ops.ratelimit import RateLimiter
+from parley.realtime.endpoints import router as realtime_router
+from parley.realtime.gateway import router as gateway_router
+from parley.realtime.service import Realtime
 from parley.users.endpoints import admin_router
 from parley.users.endpoints import router as users_router
 
@@ -44,15 +46,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.db = Database(settings.effective_database_url, pool_size=settings.db_pool_size)
-        app.state.redis = aioredis.from_url(settings.redis_url) if settings.redis_url else None
+        app.state.realtime = Realtime(settings, app.state.db, process=app.state.process_name)
         app.state.shutting_down = False
+        await app.state.realtime.start()
         try:
             yield
         finally:
             app.state.shutting_down = True
+            await app.state.realtime.stop()
             await app.state.rate_limiter.aclose()
-            if app.state.redis is not None:
-                await app.state.redis.aclose()
             await app.state.db.dispose()
 
     docs_on = settings.docs == "on"
@@ -71,8 +73,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_cost
     )
     app.state.rate_limiter = RateLimiter(settings)
-    # The connection registry arrives with real time; until then this process has none.
-    app.state.live_connections = 0
     install_error_handlers(app)
 
     # Routers carry the full /api/v1 path themselves so that a matched route knows its
@@ -83,8 +83,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         admin_router,
         conversations_router,
         messages_router,
+        realtime_router,
     ):
         app.include_router(router, responses=error_responses(401, 404, 422, 500))
+    app.include_router(gateway_router)
     app.include_router(health_router)
     app.include_router(metrics_router)
 

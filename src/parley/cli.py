@@ -46,6 +46,8 @@ def serve(
     """Start the server (applies pending migrations first on SQLite)."""
     import uvicorn
 
+    from parley.ops.server import uvicorn_options
+
     settings = _load_settings()
     if workers > 1 and not settings.redis_url:
         typer.secho(
@@ -69,15 +71,8 @@ def serve(
         host=host,
         port=port,
         workers=workers,
-        # Parley writes its own access log without query strings (they may hold tokens).
-        access_log=False,
-        # Per-message deflate keeps a compression context per socket (hundreds of KiB);
-        # chat frames are small, so idle connections stay small without it.
-        ws_per_message_deflate=False,
-        proxy_headers=True,
-        forwarded_allow_ips=settings.forwarded_allow_ips,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=10,
+        **uvicorn_options(settings),
     )
 
 

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     metrics_token: str = ""
     max_connections_per_user: int = Field(20, ge=1)
     max_members: int = Field(10_000, ge=2)
+    # §9.6: frames a connection may have queued before it is closed with 4008.
+    ws_send_queue: int = Field(512, ge=8)
     docs: Literal["on", "off"] = "on"
     # Argon2id cost. The defaults are pwdlib's (RFC 9106 second recommendation); the
     # test suite lowers them because it hashes hundreds of passwords.

@@ -31,6 +31,13 @@ from parley.db.base import utcnow
 from parley.errors import Conflict, Forbidden, NotFound, ParleyError, Unprocessable, invalid_field
 from parley.models import Conversation, ConversationBan, Membership, User
 from parley.pagination import InvalidCursor, decode_cursor, encode_cursor
+from parley.realtime.envelope import emit, to_conversation, to_user
+from parley.realtime.events import (
+    ConversationDeletedEvent,
+    ConversationUpdatedEvent,
+    MemberEvent,
+    MemberEventType,
+)
 from parley.users.schemas import DELETED_DISPLAY_NAME, DELETED_USERNAME, UserRef
 from parley.users.service import UserNotFound
 
@@ -169,6 +176,10 @@ async def _add_member_txn(
     conversation.last_seq = seq
     conversation.member_count += 1
     await session.flush()
+    _notify_member(session, conversation.id, seq, "member.joined", user_id, role)
+    # The member's own processes may not route this conversation yet: tell them where
+    # to start (§8: everything after the join response must reach the member).
+    emit(session, to_user(user_id, None, type_="track", seq=seq, conversation_id=conversation.id))
     return membership
 
 
@@ -195,6 +206,9 @@ async def _remove_member_txn(
     conversation.last_seq = seq
     conversation.member_count -= 1
     await session.flush()
+    _notify_member(
+        session, conversation.id, seq, "member.left", membership.user_id, membership.role, reason
+    )
 
 
 async def _set_role_txn(
@@ -218,6 +232,32 @@ async def _set_role_txn(
     )
     conversation.last_seq = seq
     await session.flush()
+    _notify_member(session, conversation.id, seq, "member.updated", membership.user_id, role)
+
+
+def _notify_member(
+    session: AsyncSession,
+    conversation_id: uuid.UUID,
+    seq: int,
+    type_: MemberEventType,
+    user_id: uuid.UUID,
+    role: str,
+    reason: str | None = None,
+) -> None:
+    event = MemberEvent(
+        type=type_,
+        conversation_id=conversation_id,
+        seq=seq,
+        user_id=user_id,
+        role=role,
+        reason=reason,
+    )
+    emit(session, to_conversation(conversation_id, event, type_=type_, seq=seq, subject=user_id))
+
+
+def _notify_deleted(session: AsyncSession, conversation: Conversation) -> None:
+    event = ConversationDeletedEvent(conversation_id=conversation.id)
+    emit(session, to_conversation(conversation.id, event, type_=event.type))
 
 
 # -- conversations ----------------------------------------------------------------------
@@ -314,6 +354,10 @@ async def do_update_conversation(
         conversation.topic = patch.topic
     conversation.updated_at = utcnow()
     await session.flush()
+    event = ConversationUpdatedEvent(
+        conversation_id=conversation.id, name=conversation.name, topic=conversation.topic
+    )
+    emit(session, to_conversation(conversation.id, event, type_=event.type))
     return conversation
 
 
@@ -332,6 +376,7 @@ async def do_delete_conversation(
     check_not_direct(conversation, "be deleted")
     conversation.deleted_at = utcnow()
     await session.flush()
+    _notify_deleted(session, conversation)
 
 
 # -- membership actions -----------------------------------------------------------------
@@ -372,6 +417,7 @@ async def do_leave(session: AsyncSession, principal: Principal, conversation_id:
         # The last member leaving a group or room deletes it.
         conversation.deleted_at = utcnow()
         await session.flush()
+        _notify_deleted(session, conversation)
         return
     if membership.role == "owner":
         heir = await repository.successor(session, conversation.id, principal.id)

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import structlog
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from parley.db.engine import WRITE_OPTION, create_engine
+from parley.realtime.envelope import drop_outbox, take_outbox
 
 log = structlog.get_logger("parley.db")
 
 AfterCommit = Callable[[], Awaitable[None]]
+Publisher = Callable[[list[Any]], Awaitable[None]]
 _AFTER_COMMIT_KEY = "parley_after_commit"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -29,6 +31,9 @@ class Database:
         self.url = url
         self.engine: AsyncEngine = create_engine(url, pool_size=pool_size)
         self.dialect = self.engine.dialect.name
+        # Set by the real-time layer: receives the events a transaction emitted, after
+        # its commit.
+        self.publisher: Publisher | None = None
         self._read = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
         self._write = async_sessionmaker(
             self.engine.execution_options(**{WRITE_OPTION: True}),
@@ -50,8 +55,17 @@ class Database:
                 await session.commit()
             except BaseException:
                 await session.rollback()
+                drop_outbox(session)
                 raise
         await run_after_commit(session)
+        outbox = take_outbox(session)
+        if outbox and self.publisher is not None:
+            try:
+                await self.publisher(outbox)
+            except Exception:
+                # Committed is committed: a lost publish leaves a hole in the seq that
+                # every hub fills from the database (§9.3).
+                log.exception("publish_failed", events=len(outbox))
 
     async def dispose(self) -> None:
         await self.engine.dispose()

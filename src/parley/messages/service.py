@@ -10,6 +10,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -38,6 +39,10 @@ from parley.messages.schemas import (
 )
 from parley.models import Conversation, Membership, Message, MessageVersion, User
 from parley.pagination import InvalidCursor, decode_cursor, encode_cursor
+from parley.realtime.envelope import emit, to_conversation, to_user
+from parley.realtime.events import EventMessage, MessageEvent, MessageEventType, ReadEvent
+
+M = TypeVar("M", bound=MessageOut)
 
 # `@name` where name is a username; the lookbehind keeps e-mail addresses out. The token
 # runs to the first character no username has, so "@bobby" never mentions "bob".
@@ -192,6 +197,7 @@ async def _insert_message_txn(
     # Sending moves the sender's own read marker to the message.
     await repository.advance_read_marker(session, conversation_id, principal.id, seq)
     await session.flush()
+    notify_message(session, "message.created", message, principal.user, mentioned)
     return message
 
 
@@ -236,6 +242,7 @@ async def do_edit_message(
     )
     await repository.replace_mentions(session, message, mentioned)
     await session.flush()
+    notify_message(session, "message.updated", message, principal.user, mentioned)
     return message
 
 
@@ -281,6 +288,9 @@ async def do_delete_message(
         actor_id=principal.id,
     )
     await session.flush()
+    sender = await session.get(User, message.sender_id)
+    assert sender is not None
+    notify_message(session, "message.deleted", message, sender, [])
     return message
 
 
@@ -293,8 +303,38 @@ async def do_mark_read(
     target = min(seq, access.conversation.last_seq)
     if target > access.membership.last_read_seq:
         await repository.advance_read_marker(session, conversation_id, principal.id, target)
+        event = ReadEvent(conversation_id=conversation_id, user_id=principal.id, seq=target)
+        if access.conversation.kind == "room":
+            # In rooms a read marker is the reader's own business: only their other
+            # connections hear of it (§8).
+            emit(session, to_user(principal.id, event, type_="read", subject=principal.id))
+        else:
+            emit(
+                session,
+                to_conversation(conversation_id, event, type_="read", subject=principal.id),
+            )
         return target
     return access.membership.last_read_seq
+
+
+def notify_message(
+    session: AsyncSession,
+    type_: MessageEventType,
+    message: Message,
+    sender: User,
+    mentions: list[uuid.UUID],
+) -> None:
+    """Publish a message change after commit, at the seq it took."""
+    event = MessageEvent(
+        type=type_,
+        conversation_id=message.conversation_id,
+        seq=message.updated_seq,
+        message=message_view(message, sender, mentions, cls=EventMessage),
+    )
+    emit(
+        session,
+        to_conversation(message.conversation_id, event, type_=type_, seq=message.updated_seq),
+    )
 
 
 # -- reads ------------------------------------------------------------------------------
@@ -320,7 +360,7 @@ async def build_views(
             markers[conversation_id] = await repository.others_markers(
                 session, conversation_id, principal.id
             )
-    views = []
+    views: list[MessageOut] = []
     for message in messages:
         status: Status | None = None
         if message.sender_id == principal.id and message.conversation_id in markers:
@@ -338,10 +378,15 @@ async def build_views(
 
 
 def message_view(
-    message: Message, sender: User, mentions: list[uuid.UUID], status: Status | None = None
-) -> MessageOut:
+    message: Message,
+    sender: User,
+    mentions: list[uuid.UUID],
+    status: Status | None = None,
+    *,
+    cls: type[M] = MessageOut,  # type: ignore[assignment]
+) -> M:
     deleted = message.deleted_at is not None
-    return MessageOut(
+    return cls(
         id=message.id,
         conversation_id=message.conversation_id,
         seq=message.seq,

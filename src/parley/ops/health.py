@@ -32,13 +32,8 @@ async def ready(request: Request) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
-    redis = getattr(state, "redis", None)
-    if redis is not None:
-        try:
-            await redis.ping()
-            checks["redis"] = "ok"
-        except Exception as exc:
-            checks["redis"] = f"error: {type(exc).__name__}"
+    if state.settings.redis_url:
+        checks["redis"] = "ok" if await state.realtime.broker.ping() else "error: unreachable"
     failing = [name for name, value in checks.items() if value != "ok"]
     if failing:
         return JSONResponse(

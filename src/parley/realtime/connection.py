@@ -1,0 +1,112 @@
+"""One live stream to one client (a WebSocket or an SSE response), transport-free.
+
+The hub pushes events; the transport pulls frames. The queue between them is bounded:
+a client that stops reading is closed with 4008 instead of holding up anyone else (§9.6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+
+# §9.6: how far a connection may fall behind before it is cut off (PARLEY_WS_SEND_QUEUE,
+# default 512: a few seconds of a busy room). A client this far behind reconnects and
+# resumes from the database instead.
+SEND_QUEUE_LIMIT = 512
+
+CLOSE_NORMAL = 1000
+CLOSE_RESTART = 1012
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_FORBIDDEN = 4003
+CLOSE_TOO_SLOW = 4008
+
+
+@dataclass(slots=True)
+class Frame:
+    payload: bytes
+    conversation_id: uuid.UUID | None = None
+    seq: int | None = None
+    type: str | None = None
+
+
+@dataclass(eq=False, slots=True)
+class Connection:
+    id: str
+    user_id: uuid.UUID
+    session_id: uuid.UUID
+    # Set for the one-conversation WebSocket and the one-conversation SSE stream.
+    scope: uuid.UUID | None = None
+    queue_limit: int = SEND_QUEUE_LIMIT
+    queue: asyncio.Queue[Frame | None] = field(init=False)
+    # The highest seq handed over per conversation: nothing is sent twice or backwards.
+    # Only conversations with traffic since connecting get an entry.
+    sent: dict[uuid.UUID, int] = field(default_factory=dict)
+    # Conversations being resumed: live events wait here until the replay is out.
+    held: dict[uuid.UUID, list[Frame]] = field(default_factory=dict)
+    close_code: int | None = None
+    close_reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.queue = asyncio.Queue(self.queue_limit)
+
+    @property
+    def closed(self) -> bool:
+        return self.close_code is not None
+
+    def deliver(self, conversation_id: uuid.UUID, seq: int, payload: bytes, type_: str) -> None:
+        """A sequenced event: in order, at most once."""
+        if self.closed:
+            return
+        held = self.held.get(conversation_id)
+        if held is not None:
+            held.append(Frame(payload, conversation_id, seq, type_))
+            return
+        if seq <= self.sent.get(conversation_id, 0):
+            return
+        self.sent[conversation_id] = seq
+        self._put(Frame(payload, conversation_id, seq, type_))
+
+    def replay(self, conversation_id: uuid.UUID, seq: int, payload: bytes, type_: str) -> None:
+        """A sequenced event loaded for this connection's resume (passes the hold)."""
+        if self.closed or seq <= self.sent.get(conversation_id, 0):
+            return
+        self.sent[conversation_id] = seq
+        self._put(Frame(payload, conversation_id, seq, type_))
+
+    def send(self, payload: bytes) -> None:
+        """An ephemeral event or a reply."""
+        if not self.closed:
+            self._put(Frame(payload))
+
+    def floor(self, conversation_id: uuid.UUID, seq: int) -> None:
+        """Nothing at or below `seq` of this conversation is to be sent."""
+        if seq > self.sent.get(conversation_id, 0):
+            self.sent[conversation_id] = seq
+
+    def hold(self, conversation_id: uuid.UUID) -> None:
+        self.held.setdefault(conversation_id, [])
+
+    def release(self, conversation_id: uuid.UUID) -> None:
+        """End a replay: deliver what arrived live meanwhile, minus what the replay sent."""
+        for frame in self.held.pop(conversation_id, []):
+            assert frame.seq is not None and frame.type is not None
+            self.deliver(conversation_id, frame.seq, frame.payload, frame.type)
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Ask the transport to close; queued frames are dropped."""
+        if self.closed:
+            return
+        self.close_code = code
+        self.close_reason = reason
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
+
+    def _put(self, frame: Frame) -> None:
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.close(CLOSE_TOO_SLOW, "too slow: reconnect and resume")
