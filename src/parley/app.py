@@ -25,9 +25,11 @@ from parley.ops.logging import configure_logging
 from parley.ops.metrics import router as metrics_router
 from parley.ops.middleware import RequestContextMiddleware
 from parley.ops.ratelimit import RateLimiter
+from parley.ops.shutdown import install_drain
 from parley.realtime.endpoints import router as realtime_router
 from parley.realtime.gateway import router as gateway_router
 from parley.realtime.service import Realtime
+from parley.realtime.sse import router as sse_router
 from parley.users.endpoints import admin_router
 from parley.users.endpoints import router as users_router
 
@@ -49,10 +51,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.realtime = Realtime(settings, app.state.db, process=app.state.process_name)
         app.state.shutting_down = False
         await app.state.realtime.start()
+        undo_drain = install_drain(app, settings.shutdown_drain)
         try:
             yield
         finally:
             app.state.shutting_down = True
+            undo_drain()
             await app.state.realtime.stop()
             await app.state.rate_limiter.aclose()
             await app.state.db.dispose()
@@ -84,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         conversations_router,
         messages_router,
         realtime_router,
+        sse_router,
     ):
         app.include_router(router, responses=error_responses(401, 404, 422, 500))
     app.include_router(gateway_router)

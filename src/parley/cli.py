@@ -72,6 +72,8 @@ def serve(
         port=port,
         workers=workers,
         log_level=settings.log_level.lower(),
+        # Parley configures logging itself (JSON lines, secrets redacted).
+        log_config=None,
         **uvicorn_options(settings),
     )
 

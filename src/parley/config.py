@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # §9.6: frames a connection may have queued before it is closed with 4008.
     ws_send_queue: int = Field(512, ge=8)
     docs: Literal["on", "off"] = "on"
+    # Seconds between SIGTERM (when /ready turns 503) and closing the listener, so a
+    # load balancer stops sending new requests first.
+    shutdown_drain: float = Field(2.0, ge=0, le=60)
     # Argon2id cost. The defaults are pwdlib's (RFC 9106 second recommendation); the
     # test suite lowers them because it hashes hundreds of passwords.
     argon2_time_cost: int = Field(3, ge=1)

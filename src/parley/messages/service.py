@@ -307,7 +307,16 @@ async def do_mark_read(
         if access.conversation.kind == "room":
             # In rooms a read marker is the reader's own business: only their other
             # connections hear of it (§8).
-            emit(session, to_user(principal.id, event, type_="read", subject=principal.id))
+            emit(
+                session,
+                to_user(
+                    principal.id,
+                    event,
+                    type_="read",
+                    subject=principal.id,
+                    conversation_id=conversation_id,
+                ),
+            )
         else:
             emit(
                 session,

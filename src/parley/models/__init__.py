@@ -9,6 +9,7 @@ from parley.models.conversation import (
     ReadMark,
 )
 from parley.models.message import Mention, Message, MessageVersion
+from parley.models.stream import StreamCheckpoint
 from parley.models.user import User
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "MessageVersion",
     "ReadMark",
     "RefreshToken",
+    "StreamCheckpoint",
     "Ticket",
     "User",
 ]

@@ -23,6 +23,21 @@ LIVE_CONNECTIONS = Gauge(
     "parley_live_connections", "Live WebSocket and SSE connections of this process", ["transport"]
 )
 
+EVENTS_FANNED_OUT = Counter(
+    "parley_events_fanned_out_total", "Events handed to local connections", ["kind"]
+)
+FANOUT_LATENCY = Histogram(
+    "parley_fanout_latency_seconds",
+    "From publish (after commit) to routing in this process's hub",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+QUEUE_DROPS = Counter(
+    "parley_queue_drops_total", "Connections closed with 4008 because their send queue was full"
+)
+HOLES_FILLED = Counter(
+    "parley_holes_filled_total", "Sequenced events the hub loaded from the database"
+)
+
 router = APIRouter(tags=["ops"])
 
 

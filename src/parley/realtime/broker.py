@@ -76,7 +76,13 @@ class RedisBroker:
         from redis.backoff import NoBackoff
 
         self._prefix = prefix + ":"
-        self._publisher = aioredis.from_url(url)
+        # One immediate retry on a connection error: after a Redis restart each pooled
+        # connection is dead until its first use fails, and without the retry the first
+        # publish on it would be lost to pub/sub (found again only by the hubs' sweep,
+        # seconds later). A publish repeated after a lost reply is harmless: hubs drop a
+        # seq they have routed, and an ephemeral event (typing, presence) seen twice
+        # changes nothing.
+        self._publisher = aioredis.from_url(url, retry=Retry(NoBackoff(), 1))
         # No silent retries on the subscription: redis-py would reconnect and
         # resubscribe on its own, and the messages lost meanwhile would go unnoticed.
         # Parley reconnects itself and then catches up from the database.

@@ -10,14 +10,22 @@ import asyncio
 import uuid
 from dataclasses import dataclass, field
 
+from parley.ops.metrics import QUEUE_DROPS
+
 # §9.6: how far a connection may fall behind before it is cut off (PARLEY_WS_SEND_QUEUE,
 # default 512: a few seconds of a busy room). A client this far behind reconnects and
 # resumes from the database instead.
 SEND_QUEUE_LIMIT = 512
 
+# A replay (resume) fills the queue only while the client keeps reading: it waits for
+# room every so often and gives up on a client that reads nothing for this long.
+REPLAY_POLL = 0.005
+REPLAY_STALL = 30.0
+
 CLOSE_NORMAL = 1000
 CLOSE_RESTART = 1012
 CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
 CLOSE_TOO_BIG = 1009
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_FORBIDDEN = 4003
@@ -44,6 +52,9 @@ class Connection:
     # The highest seq handed over per conversation: nothing is sent twice or backwards.
     # Only conversations with traffic since connecting get an entry.
     sent: dict[uuid.UUID, int] = field(default_factory=dict)
+    # The first seq delivered live per conversation: from there up to `sent` the
+    # connection has every event, so a resume only has to bring what lies outside.
+    first_live: dict[uuid.UUID, int] = field(default_factory=dict)
     # Conversations being resumed: live events wait here until the replay is out.
     held: dict[uuid.UUID, list[Frame]] = field(default_factory=dict)
     close_code: int | None = None
@@ -67,14 +78,36 @@ class Connection:
         if seq <= self.sent.get(conversation_id, 0):
             return
         self.sent[conversation_id] = seq
+        self.first_live.setdefault(conversation_id, seq)
         self._put(Frame(payload, conversation_id, seq, type_))
 
     def replay(self, conversation_id: uuid.UUID, seq: int, payload: bytes, type_: str) -> None:
-        """A sequenced event loaded for this connection's resume (passes the hold)."""
-        if self.closed or seq <= self.sent.get(conversation_id, 0):
+        """A sequenced event loaded for this connection's resume (passes the hold).
+
+        Skips what the connection already got live; below that it may fill in events
+        older than ones already sent, which is what a resume is for."""
+        if self.closed:
             return
-        self.sent[conversation_id] = seq
+        first = self.first_live.get(conversation_id)
+        last = self.sent.get(conversation_id, 0)
+        if first is not None and first <= seq <= last:
+            return
+        if first is None and seq <= last:
+            return
+        self.sent[conversation_id] = max(seq, last)
         self._put(Frame(payload, conversation_id, seq, type_))
+
+    async def make_room(self) -> None:
+        """Wait until the queue is at most half full (a replay must not overflow it).
+
+        A client that reads nothing for REPLAY_STALL seconds is closed as too slow."""
+        waited = 0.0
+        while not self.closed and self.queue.qsize() >= self.queue_limit // 2:
+            if waited >= REPLAY_STALL:
+                self.close(CLOSE_TOO_SLOW, "too slow: reconnect and resume")
+                return
+            await asyncio.sleep(REPLAY_POLL)
+            waited += REPLAY_POLL
 
     def send(self, payload: bytes) -> None:
         """An ephemeral event or a reply."""
@@ -95,18 +128,21 @@ class Connection:
             assert frame.seq is not None and frame.type is not None
             self.deliver(conversation_id, frame.seq, frame.payload, frame.type)
 
-    def close(self, code: int, reason: str = "") -> None:
-        """Ask the transport to close; queued frames are dropped."""
+    def close(self, code: int, reason: str = "", *, flush: bool = False) -> None:
+        """Ask the transport to close. Queued frames are dropped, unless `flush`: then
+        they go out first (the event that explains the close), room permitting."""
         if self.closed:
             return
         self.close_code = code
         self.close_reason = reason
-        while not self.queue.empty():
-            self.queue.get_nowait()
+        if not flush or self.queue.full():
+            while not self.queue.empty():
+                self.queue.get_nowait()
         self.queue.put_nowait(None)
 
     def _put(self, frame: Frame) -> None:
         try:
             self.queue.put_nowait(frame)
         except asyncio.QueueFull:
+            QUEUE_DROPS.inc()
             self.close(CLOSE_TOO_SLOW, "too slow: reconnect and resume")

@@ -13,7 +13,7 @@ from parley.auth.dependencies import CurrentUser
 from parley.config import API_PREFIX
 from parley.db.session import SessionDep
 from parley.errors import invalid_field
-from parley.models import Membership
+from parley.models import Conversation, Membership
 from parley.realtime.events import event_schemas
 from parley.realtime.service import Realtime
 from parley.schemas import StrictModel
@@ -81,7 +81,13 @@ async def get_presence(
             detail=f"Ask for 1 to {MAX_PRESENCE_IDS} users",
             source="query",
         )
-    mine = select(Membership.conversation_id).where(Membership.user_id == principal.id)
+    # A deleted conversation keeps its member rows (history stays), but it no longer
+    # makes anyone's presence the caller's business.
+    mine = (
+        select(Membership.conversation_id)
+        .join(Conversation, Conversation.id == Membership.conversation_id)
+        .where(Membership.user_id == principal.id, Conversation.deleted_at.is_(None))
+    )
     shared = set(
         (
             await session.scalars(

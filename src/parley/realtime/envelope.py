@@ -6,6 +6,7 @@ event itself; connections receive the payload bytes exactly as published.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ class Envelope:
     subject: uuid.UUID | None = None
     # For "track" control messages on a user channel: the conversation to start routing.
     conversation_id: uuid.UUID | None = None
+    # Wall-clock time of publishing, for the fan-out latency metric.
+    published_at: float | None = None
 
     def encode(self) -> bytes:
         header: dict[str, Any] = {"t": self.type}
@@ -36,6 +39,7 @@ class Envelope:
             header["u"] = self.subject.hex
         if self.conversation_id is not None:
             header["c"] = self.conversation_id.hex
+        header["p"] = time.time()
         return orjson.dumps(header) + b"\n" + self.payload
 
     @classmethod
@@ -51,6 +55,7 @@ class Envelope:
             seq=header.get("s"),
             subject=uuid.UUID(subject) if subject else None,
             conversation_id=uuid.UUID(conversation) if conversation else None,
+            published_at=header.get("p"),
         )
 
 

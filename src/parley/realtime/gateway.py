@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from typing import Any
@@ -16,22 +17,23 @@ import orjson
 import structlog
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from parley.auth.service import (
-    Principal,
-    access_principal_by_ticket,
-    access_principal_by_token,
-)
+from parley.auth.service import Principal, access_principal_by_token
 from parley.config import API_PREFIX, Settings
 from parley.conversations.service import access_membership
 from parley.db.session import Database
 from parley.errors import ParleyError, Unauthorized
 from parley.messages import service as messages
 from parley.messages.schemas import MessageCreate
+from parley.models import Membership
 from parley.realtime.connection import (
+    CLOSE_FORBIDDEN,
+    CLOSE_INTERNAL,
     CLOSE_POLICY,
+    CLOSE_TOO_SLOW,
     CLOSE_UNAUTHORIZED,
     Connection,
 )
@@ -54,6 +56,7 @@ from parley.realtime.events import (
     TypingOp,
     client_op_adapter,
 )
+from parley.realtime.handshake import access_principal_by_query, origin_allowed
 from parley.realtime.service import Realtime, TooManyConnections, gap_payload
 
 log = structlog.get_logger("parley.gateway")
@@ -61,11 +64,24 @@ router = APIRouter(prefix=API_PREFIX, tags=["realtime"])
 
 HEARTBEAT_SECONDS = 25  # §8: the server pings every 25 s and closes after two misses
 AUTH_TIMEOUT = 5.0  # §8: a first-frame `auth` must come within 5 s
-# Ops per connection: a steady 20/s with bursts of 40. Past that an op is refused with
-# `rate_limited`; a client that keeps on through this many refusals in a row is closed.
+# Frames per connection (ops, and anything else a client sends): a steady 20/s with
+# bursts of 40. Past that a frame is refused with `rate_limited` and dropped.
 OP_RATE = 20.0
 OP_BURST = 40.0
-MAX_STRIKES = 50
+# A client that keeps on is closed (1008). Refusals pile up and are forgiven at
+# STRIKE_DECAY per second, so a client refused more than that on average (not one that
+# merely brushes the limit now and then) reaches MAX_STRIKES within seconds. Counting
+# "refusals in a row" instead would let a steady flood live for ever: every token that
+# trickles back lets one op through and starts the count again.
+MAX_STRIKES = 50.0
+STRIKE_DECAY = 5.0
+# §9.6: a client that does not take a frame for this long is too slow (4008), even
+# while its queue has room. Its queue overflowing closes it sooner; this bounds how long
+# a writer can wait on a socket that is never read.
+WRITE_TIMEOUT = 10.0
+# A goodbye (close frame) to a client that does not read gets this long to go out;
+# then the connection is dropped without one.
+CLOSE_TIMEOUT = 5.0
 
 
 class OpError(ParleyError):
@@ -90,15 +106,6 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
-def allowed_origins(websocket: WebSocket, settings: Settings) -> set[str]:
-    origins = set(settings.ws_allowed_origins or settings.cors_origins)
-    host = websocket.headers.get("host")
-    if host and settings.ws_allowed_origins is None:
-        # The server's own origin (its web page), under either scheme.
-        origins |= {f"http://{host}", f"https://{host}"}
-    return origins
-
-
 @router.websocket("/ws")
 async def websocket_all(websocket: WebSocket) -> None:
     await Gateway(websocket, scope=None).run()
@@ -120,13 +127,14 @@ class Gateway:
         self.principal: Principal | None = None
         self.conn: Connection | None = None
         self.bucket = TokenBucket(OP_RATE, OP_BURST)
-        self.strikes = 0
+        self.rate_limited = self.settings.rate_limits == "on"
+        self.strikes = 0.0
+        self.struck_at = time.monotonic()
 
     # -- handshake ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        origin = self.ws.headers.get("origin")
-        if origin is not None and origin not in allowed_origins(self.ws, self.settings):
+        if not origin_allowed(self.ws, self.settings):
             # Refused before accept: the browser sees a 403 (§8).
             await self.ws.close(code=CLOSE_POLICY)
             return
@@ -139,31 +147,46 @@ class Gateway:
         except WebSocketDisconnect:
             return
         if self.scope is not None and not await self._is_member(self.scope):
-            await self._close(4003, "not a member of this conversation")
+            # Accepted, then closed: a browser sees a close code but never a handshake
+            # status. A conversation that does not exist gets the same answer (§2).
+            await self._close(CLOSE_FORBIDDEN, "not a member of this conversation")
             return
         transport = "ws" if self.scope is None else "ws_conversation"
         try:
-            self.conn = await self.realtime.connect(
-                self.principal, transport=transport, scope=self.scope
+            conn = self.conn = await self.realtime.connect(
+                self.principal, transport=transport, scope=self.scope, hold_scope=True
             )
         except TooManyConnections as exc:
             await self._close(CLOSE_POLICY, exc.detail)
             return
+        except Exception:
+            # Redis or the database failed under the handshake: say so, the client retries.
+            log.exception("connect_failed")
+            await self._close(CLOSE_INTERNAL, "the server could not register the connection")
+            return
         try:
             await self._serve()
+        except WebSocketDisconnect:
+            pass
         finally:
-            await self.realtime.disconnect(self.conn, transport=transport)
+            # Let go of the hub, presence and the connection count first: saying goodbye
+            # to a client that does not read may take a while (CLOSE_TIMEOUT).
+            await self.realtime.disconnect(conn, transport=transport)
+        if conn.closed:
+            await self._close(conn.close_code or 1000, conn.close_reason)
 
     async def _authenticate(self) -> Principal:
         params = self.ws.query_params
-        async with self.db.transaction() as session:
-            if params.get("ticket"):
-                return await access_principal_by_ticket(session, params["ticket"])
-            if params.get("token"):
-                return await access_principal_by_token(session, self.settings, params["token"])
-        text = await asyncio.wait_for(self.ws.receive_text(), AUTH_TIMEOUT)
+        principal = await access_principal_by_query(
+            self.db, self.settings, ticket=params.get("ticket"), token=params.get("token")
+        )
+        if principal is not None:
+            return principal
+        message = await asyncio.wait_for(self.ws.receive(), AUTH_TIMEOUT)
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
         try:
-            op = AuthOp.model_validate(orjson.loads(text))
+            op = AuthOp.model_validate(orjson.loads(message.get("text") or b""))
         except (orjson.JSONDecodeError, ValidationError) as exc:
             raise Unauthorized('The first frame must be {"op":"auth","token":…}') from exc
         async with self.db.transaction() as session:
@@ -183,17 +206,16 @@ class Gateway:
     async def _serve(self) -> None:
         conn = self.conn
         assert conn is not None and self.principal is not None
-        if self.scope is not None:
-            conn.hold(self.scope)
-        await self.ws.send_text(
-            serialize(
-                ReadyEvent(
-                    user_id=self.principal.id, connection_id=conn.id, heartbeat=HEARTBEAT_SECONDS
-                )
-            ).decode()
+        ready = ReadyEvent(
+            user_id=self.principal.id, connection_id=conn.id, heartbeat=HEARTBEAT_SECONDS
         )
-        if self.scope is not None:
-            await self._send_backlog(self.scope)
+        try:
+            await self._send_now(serialize(ready))
+            if self.scope is not None:
+                await self._send_backlog(self.scope)
+        except TimeoutError:
+            conn.close(CLOSE_TOO_SLOW, "too slow: reconnect and resume")
+            return
         writer = asyncio.create_task(self._write())
         reader = asyncio.create_task(self._read())
         try:
@@ -203,21 +225,35 @@ class Gateway:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        if conn.closed:
-            await self._close(conn.close_code or 1000, conn.close_reason)
+
+    async def _send_now(self, payload: bytes) -> None:
+        """Write one frame, giving up (TimeoutError) on a client that does not take it."""
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await self.ws.send_text(payload.decode())
 
     async def _send_backlog(self, conversation_id: uuid.UUID) -> None:
         conn = self.conn
         assert conn is not None and self.principal is not None
         try:
             rows, more, stood_at = await self.realtime.backlog(conn, conversation_id)
-            if more:
-                first = rows[0].seq if rows else stood_at + 1
-                await self.ws.send_text(gap_payload(conversation_id, 1, first - 1).decode())
             async with self.db.transaction(write=False) as session:
                 views = await messages.build_views(session, self.principal, rows)
+                marker = await session.scalar(
+                    select(Membership.last_read_seq).where(
+                        Membership.conversation_id == conversation_id,
+                        Membership.user_id == conn.user_id,
+                    )
+                )
+            if more and rows:
+                # What is unread but not in the backlog: from the read marker up to the
+                # first message sent (the client pages it with `before`).
+                to_seq = rows[0].seq - 1
+                from_seq = min((marker or 0) + 1, to_seq)
+                await self._send_now(gap_payload(conversation_id, from_seq, to_seq))
             backlog = BacklogEvent(conversation_id=conversation_id, messages=views)
-            await self.ws.send_text(serialize(backlog).decode())
+            await self._send_now(serialize(backlog))
+            if rows:
+                self.realtime.hub.mark_delivered(conn, conversation_id, rows[-1].seq)
             conn.floor(conversation_id, stood_at)
         finally:
             conn.release(conversation_id)
@@ -230,7 +266,13 @@ class Gateway:
             frame = await conn.queue.get()
             if frame is None:
                 return
-            await self.ws.send_text(frame.payload.decode())
+            try:
+                await self._send_now(frame.payload)
+            except TimeoutError:
+                # Also ends the wait of a client whose queue overflowed meanwhile: the
+                # socket would otherwise stay open for as long as the client stays silent.
+                conn.close(CLOSE_TOO_SLOW, "too slow: reconnect and resume")
+                return
             if frame.type == "message.created" and frame.conversation_id and frame.seq:
                 hub.mark_delivered(conn, frame.conversation_id, frame.seq)
 
@@ -239,46 +281,41 @@ class Gateway:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            text = message.get("text")
-            if text is None:
-                self._error(None, "bad_request", "Frames are JSON text")
-                continue
-            await self._handle(text)
+            await self._handle(message.get("text"))
             if self.conn is not None and self.conn.closed:
                 return
 
     async def _close(self, code: int, reason: str) -> None:
         if self.ws.application_state == WebSocketState.CONNECTED:
+            # Bounded: the close frame waits behind whatever the client has not read.
             with contextlib.suppress(Exception):
-                await self.ws.close(code=code, reason=reason[:120])
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self.ws.close(code=code, reason=reason[:120])
 
     # -- ops ----------------------------------------------------------------------------
 
-    async def _handle(self, text: str) -> None:
-        ref: Any = None
-        try:
-            raw = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            raw = None
+    async def _handle(self, text: str | None) -> None:
+        """One frame from the client: `text` is None for a binary frame."""
+        raw: Any = None
+        if text is not None:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                raw = orjson.loads(text)
+        ref: Any = raw.get("ref") if isinstance(raw, dict) else None
+        if not isinstance(ref, str | int) or isinstance(ref, bool):
+            ref = None
+        # Every frame counts, malformed ones too: a flood of junk is still a flood.
+        if not self._admit(ref):
+            return
+        if text is None:
+            self._error(None, "bad_request", "Frames are JSON text")
+            return
         if not (isinstance(raw, dict) and "op" in raw):
             if self.scope is not None:
                 # The one-conversation socket takes plain text as a message (§8).
                 raw = {"op": "send", "content": text}
             else:
-                self._error(None, "bad_request", 'Expected a JSON object with an "op"')
+                self._error(ref, "bad_request", 'Expected a JSON object with an "op"')
                 return
-        ref = raw.get("ref")
-        if not isinstance(ref, str | int) or isinstance(ref, bool):
-            ref = None
-        wait = self.bucket.take()
-        if wait:
-            self.strikes += 1
-            if self.strikes >= MAX_STRIKES and self.conn is not None:
-                self.conn.close(CLOSE_POLICY, "rate limit exceeded")
-                return
-            self._error(ref, "rate_limited", "Too many ops; slow down", retry_after=round(wait, 3))
-            return
-        self.strikes = 0
         try:
             op = client_op_adapter.validate_python(raw)
         except ValidationError as exc:
@@ -293,6 +330,27 @@ class Gateway:
         except Exception:
             log.exception("op_failed", op=raw.get("op"))
             self._error(ref, "internal_error", "The op failed; nothing was changed")
+
+    def _admit(self, ref: Any) -> bool:
+        """Take a token for one frame; refuse it (`rate_limited`) or, for a client that
+        keeps on, close the connection (1008)."""
+        if not self.rate_limited:
+            return True
+        wait = self.bucket.take()
+        if not wait:
+            return True
+        now = time.monotonic()
+        forgiven = (now - self.struck_at) * STRIKE_DECAY
+        self.strikes = max(0.0, self.strikes - forgiven) + 1
+        self.struck_at = now
+        if self.strikes >= MAX_STRIKES:
+            if self.conn is not None:
+                self.conn.close(CLOSE_POLICY, "rate limit exceeded")
+            return False
+        # Rounded up: a client that waits retry_after finds a token.
+        retry_after = math.ceil(wait * 1000) / 1000
+        self._error(ref, "rate_limited", "Too many ops; slow down", retry_after=retry_after)
+        return False
 
     def _error(self, ref: Any, code: str, detail: str, *, retry_after: float | None = None) -> None:
         if self.conn is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from sqlalchemy import bindparam, select, update
 from parley.db.base import utcnow
 from parley.db.session import Database
 from parley.models import AuthSession, Membership, User
+from parley.ops.metrics import EVENTS_FANNED_OUT, FANOUT_LATENCY, HOLES_FILLED
 from parley.realtime.broker import Broker
 from parley.realtime.connection import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, Connection
 from parley.realtime.envelope import Envelope, conversation_channel, serialize, user_channel
@@ -221,6 +223,8 @@ class Hub:
             self._track(envelope)
             return
         for conn in list(connections):
+            if conn.scope is not None and envelope.conversation_id != conn.scope:
+                continue  # a one-conversation socket hears of its conversation only
             conn.send(envelope.payload)
 
     def _track(self, envelope: Envelope) -> None:
@@ -252,6 +256,7 @@ class Hub:
             if envelope.type == "typing" and conn.user_id == envelope.subject:
                 continue  # one's own typing is no news
             conn.send(envelope.payload)
+        EVENTS_FANNED_OUT.labels("ephemeral").inc(len(stream.subscribers))
 
     def _drain(self, stream: Stream) -> None:
         while True:
@@ -266,6 +271,8 @@ class Hub:
     def _apply(self, stream: Stream, envelope: Envelope) -> None:
         assert envelope.seq is not None
         subject = envelope.subject
+        if envelope.published_at is not None:
+            FANOUT_LATENCY.observe(max(0.0, time.time() - envelope.published_at))
         if envelope.type == "member.joined" and subject is not None:
             for conn in self.by_user.get(subject, ()):
                 if conn.scope is None:
@@ -273,12 +280,15 @@ class Hub:
                     self.member_of.setdefault(conn.id, set()).add(stream.id)
         for conn in list(stream.subscribers):
             conn.deliver(stream.id, envelope.seq, envelope.payload, envelope.type)
+        EVENTS_FANNED_OUT.labels("sequenced").inc(len(stream.subscribers))
         if envelope.type == "member.left" and subject is not None:
             for conn in list(self.by_user.get(subject, ())):
                 stream.subscribers.discard(conn)
                 self.member_of.get(conn.id, set()).discard(stream.id)
                 if conn.scope == stream.id:
-                    conn.close(CLOSE_FORBIDDEN, "no longer a member of this conversation")
+                    conn.close(
+                        CLOSE_FORBIDDEN, "no longer a member of this conversation", flush=True
+                    )
 
     def _deleted(self, stream: Stream, payload: bytes | None = None) -> None:
         payload = payload or serialize(ConversationDeletedEvent(conversation_id=stream.id))
@@ -286,7 +296,7 @@ class Hub:
             conn.send(payload)
             self.member_of.get(conn.id, set()).discard(stream.id)
             if conn.scope == stream.id:
-                conn.close(CLOSE_FORBIDDEN, "the conversation was deleted")
+                conn.close(CLOSE_FORBIDDEN, "the conversation was deleted", flush=True)
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
             self._spawn(self._unsubscribe([conversation_channel(stream.id)]))
@@ -326,8 +336,9 @@ class Hub:
             envelopes = await load_envelopes(session, stream.id, after=stream.last_seq, upto=upto)
         for envelope in envelopes:
             assert envelope.seq is not None
-            if envelope.seq > stream.last_seq:
-                stream.pending.setdefault(envelope.seq, envelope)
+            if envelope.seq > stream.last_seq and envelope.seq not in stream.pending:
+                stream.pending[envelope.seq] = envelope
+                HOLES_FILLED.inc()
         self._drain(stream)
 
     def _gap(self, stream: Stream, from_seq: int, to_seq: int) -> None:

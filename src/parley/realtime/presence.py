@@ -69,30 +69,61 @@ class MemoryPresence:
 class MemoryTyping:
     def __init__(self) -> None:
         self._until: dict[uuid.UUID, dict[uuid.UUID, float]] = {}
+        self._next_sweep = 0.0
 
     async def set(self, conversation_id: uuid.UUID, user_id: uuid.UUID, typing: bool) -> None:
+        now = time.monotonic()
         users = self._until.setdefault(conversation_id, {})
         if typing:
-            users[user_id] = time.monotonic() + TYPING_TTL
+            users[user_id] = now + TYPING_TTL
         else:
             users.pop(user_id, None)
         if not users:
             self._until.pop(conversation_id, None)
+        self._sweep(now)
 
     async def who(self, conversation_id: uuid.UUID) -> list[uuid.UUID]:
-        now = time.monotonic()
-        users = self._until.get(conversation_id, {})
+        self._expire(conversation_id, time.monotonic())
+        return sorted(self._until.get(conversation_id, {}), key=str)
+
+    def _expire(self, conversation_id: uuid.UUID, now: float) -> None:
+        users = self._until.get(conversation_id)
+        if users is None:
+            return
         for user_id in [u for u, until in users.items() if until <= now]:
             del users[user_id]
-        return sorted(users, key=str)
+        if not users:
+            del self._until[conversation_id]
+
+    def _sweep(self, now: float) -> None:
+        """Forget everyone who stopped without saying so. Typists nobody asks about would
+        otherwise stay in memory for the life of the process; once per TTL is enough."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + TYPING_TTL
+        for conversation_id in list(self._until):
+            self._expire(conversation_id, now)
 
 
 class RedisPresence:
+    """Per user, a hash of process → live connections there; a user is online while any
+    live process counts a connection.
+
+    This process's writes are absolute counts, made one at a time under a lock, each in a
+    MULTI with the read of the hash: two connects (or disconnects) of one user racing on
+    two pooled Redis connections could otherwise land in the wrong order, leaving a stale
+    count (online for ever) and telling both, or neither, that they were the first or
+    the last — the online/offline announcements depend on exactly that.
+    """
+
     def __init__(self, client: Any, *, prefix: str, process: str) -> None:
         self._redis = client
         self._prefix = prefix
         self._process = process
         self._local: dict[uuid.UUID, int] = {}
+        # Users whose last write may not have reached Redis: the refresh writes them again.
+        self._dirty: set[uuid.UUID] = set()
+        self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     def _user_key(self, user_id: uuid.UUID) -> str:
@@ -123,29 +154,62 @@ class RedisPresence:
             await asyncio.sleep(PROCESS_REFRESH)
             try:
                 await self._redis.set(self._process_key(self._process), "1", ex=PROCESS_TTL)
-                # Re-assert the local counts: Redis may have restarted empty.
-                if self._local:
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        for user_id, n in self._local.items():
-                            pipe.hset(self._user_key(user_id), self._process, n)
-                        await pipe.execute()
+                # Re-assert the local counts: Redis may have restarted empty, or a write
+                # may have failed.
+                async with self._lock:
+                    users = set(self._local) | self._dirty
+                    if users:
+                        async with self._redis.pipeline(transaction=False) as pipe:
+                            for user_id in users:
+                                self._queue_write(pipe, user_id)
+                            await pipe.execute()
+                    self._dirty.clear()
             except Exception as exc:
                 log.warning("presence_refresh_failed", error=type(exc).__name__)
 
     async def add(self, user_id: uuid.UUID) -> int:
-        self._local[user_id] = self._local.get(user_id, 0) + 1
-        await self._redis.hset(self._user_key(user_id), self._process, self._local[user_id])
-        return await self.count(user_id)
+        async with self._lock:
+            self._local[user_id] = self._local.get(user_id, 0) + 1
+            try:
+                entry = await self._write(user_id)
+            except BaseException:
+                # Not connected after all: the caller refuses the connection.
+                self._local[user_id] -= 1
+                if not self._local[user_id]:
+                    del self._local[user_id]
+                self._dirty.add(user_id)
+                raise
+        return (await self._live_totals([user_id], [entry]))[user_id]
 
     async def remove(self, user_id: uuid.UUID) -> int:
-        left = self._local.get(user_id, 0) - 1
-        if left > 0:
-            self._local[user_id] = left
-            await self._redis.hset(self._user_key(user_id), self._process, left)
+        async with self._lock:
+            left = self._local.get(user_id, 0) - 1
+            if left > 0:
+                self._local[user_id] = left
+            else:
+                self._local.pop(user_id, None)
+            try:
+                entry = await self._write(user_id)
+            except BaseException:
+                self._dirty.add(user_id)
+                raise
+        return (await self._live_totals([user_id], [entry]))[user_id]
+
+    def _queue_write(self, pipe: Any, user_id: uuid.UUID) -> None:
+        n = self._local.get(user_id, 0)
+        if n > 0:
+            pipe.hset(self._user_key(user_id), self._process, n)
         else:
-            self._local.pop(user_id, None)
-            await self._redis.hdel(self._user_key(user_id), self._process)
-        return await self.count(user_id)
+            pipe.hdel(self._user_key(user_id), self._process)
+
+    async def _write(self, user_id: uuid.UUID) -> dict[bytes, bytes]:
+        """Write this process's count for the user and read every process's, atomically.
+        The caller holds the lock."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            self._queue_write(pipe, user_id)
+            pipe.hgetall(self._user_key(user_id))
+            _, entry = await pipe.execute()
+        return dict(entry)
 
     async def count(self, user_id: uuid.UUID) -> int:
         return (await self._counts([user_id]))[user_id]
@@ -159,6 +223,13 @@ class RedisPresence:
             for user_id in user_ids:
                 pipe.hgetall(self._user_key(user_id))
             per_user: list[dict[bytes, bytes]] = await pipe.execute()
+        return await self._live_totals(user_ids, per_user)
+
+    async def _live_totals(
+        self, user_ids: Sequence[uuid.UUID], per_user: Sequence[dict[bytes, bytes]]
+    ) -> dict[uuid.UUID, int]:
+        """Sum each user's counts over the processes still alive (a crashed process's
+        entries stay until someone cleans up; its expired key says to ignore them)."""
         processes = sorted({p for entry in per_user for p in entry})
         alive: set[bytes] = set()
         if processes:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from sqlalchemy import and_, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -68,7 +70,9 @@ class Realtime:
         self.presence: PresenceStore
         self.typing: TypingStore
         if settings.redis_url:
-            self.redis = aioredis.from_url(settings.redis_url)
+            # One retry: after a Redis restart each pooled connection is dead until its
+            # first use fails; presence and typing calls are safe to repeat.
+            self.redis = aioredis.from_url(settings.redis_url, retry=Retry(NoBackoff(), 1))
             broker = RedisBroker(settings.redis_url, prefix=settings.redis_prefix)
             self.presence = RedisPresence(self.redis, prefix=settings.redis_prefix, process=process)
             self.typing = RedisTyping(self.redis, prefix=settings.redis_prefix)
@@ -102,15 +106,18 @@ class Realtime:
     # -- connections --------------------------------------------------------------------
 
     async def connect(
-        self, principal: Principal, *, transport: str, scope: uuid.UUID | None = None
+        self,
+        principal: Principal,
+        *,
+        transport: str,
+        scope: uuid.UUID | None = None,
+        hold_scope: bool = False,
     ) -> Connection:
         """Register a live connection and subscribe it; raises if the user has too many.
 
-        For a one-conversation connection the caller has checked membership already."""
-        if await self.presence.count(principal.id) >= self.settings.max_connections_per_user:
-            raise TooManyConnections(
-                f"At most {self.settings.max_connections_per_user} live connections per user"
-            )
+        For a one-conversation connection the caller has checked membership already;
+        `hold_scope` keeps its live events back until the caller releases them (after
+        a backlog)."""
         async with self.db.transaction(write=False) as session:
             rows = await _memberships(session, principal.id, scope)
         conn = Connection(
@@ -120,10 +127,23 @@ class Realtime:
             scope=scope,
             queue_limit=self.settings.ws_send_queue,
         )
-        online_now = await self.presence.add(principal.id) == 1
-        await self.hub.attach(conn, [(r.conversation_id, r.joined_seq) for r in rows])
+        if scope is not None and hold_scope:
+            conn.hold(scope)
+        # Count first, then check: two handshakes at once cannot both slip under the cap.
+        count = await self.presence.add(principal.id)
+        if count > self.settings.max_connections_per_user:
+            await self.presence.remove(principal.id)
+            raise TooManyConnections(
+                f"At most {self.settings.max_connections_per_user} live connections per user"
+            )
+        try:
+            await self.hub.attach(conn, [(r.conversation_id, r.joined_seq) for r in rows])
+        except BaseException:
+            self.hub.detach(conn)
+            await self.presence.remove(principal.id)
+            raise
         LIVE_CONNECTIONS.labels(transport).inc()
-        if online_now:
+        if count == 1:
             await self._announce_presence(principal.id, "online", rows)
         return conn
 
@@ -156,10 +176,16 @@ class Realtime:
     # -- resume -------------------------------------------------------------------------
 
     async def resume(
-        self, conn: Connection, cursors: dict[uuid.UUID, int], ref: str | int | None
+        self,
+        conn: Connection,
+        cursors: dict[uuid.UUID, int],
+        ref: str | int | None,
+        *,
+        announce: bool = True,
     ) -> None:
         """Send every event after each cursor exactly once and in order, then `resumed`
-        (§8). Live events of a conversation wait while it is replayed."""
+        (§8). Live events of a conversation wait while it is replayed. SSE passes
+        `announce=False`: its event ids already say where the stream stands."""
         stood_at: dict[str, int] = {}
         for conversation_id, cursor in cursors.items():
             if conn.scope is not None and conversation_id != conn.scope:
@@ -168,6 +194,9 @@ class Realtime:
                 await self._resume_outsider(conn, conversation_id, cursor)
                 continue
             conn.hold(conversation_id)
+            # Live events may have reached the connection between `ready` and this
+            # resume; the replay brings everything after the cursor except those, so each
+            # event arrives exactly once (Connection.replay).
             try:
                 async with self.db.transaction(write=False) as session:
                     replay = await load_resume(session, conversation_id, conn.user_id, cursor)
@@ -175,6 +204,7 @@ class Realtime:
                     conn.send(replay.gap.payload)
                 for envelope in replay.envelopes:
                     assert envelope.seq is not None
+                    await conn.make_room()
                     conn.replay(conversation_id, envelope.seq, envelope.payload, envelope.type)
                 # Everything up to where the database stood is now covered (folded or
                 # filtered on purpose); the client also vouches for its own cursor.
@@ -182,7 +212,8 @@ class Realtime:
             finally:
                 conn.release(conversation_id)
             stood_at[conversation_id.hex] = conn.sent.get(conversation_id, cursor)
-        conn.send(serialize(ResumedEvent(ref=ref, cursors=_dashed(stood_at))))
+        if announce:
+            conn.send(serialize(ResumedEvent(ref=ref, cursors=_dashed(stood_at))))
 
     async def _resume_outsider(
         self, conn: Connection, conversation_id: uuid.UUID, cursor: int
