@@ -3,6 +3,7 @@ isolation and resume."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -183,3 +184,20 @@ async def test_oversized_frame_closes_with_1009(live: LiveServer, alice: User) -
     await ws.ready()
     await ws.ws.send("x" * 70_000)
     assert await ws.closed_with() == 1009
+
+
+async def test_admin_stats_count_live_connections_per_process(
+    live: LiveServer, admin: User, alice: User
+) -> None:
+    ws = await live.connect(alice)
+    await ws.ready()
+    stats = (await admin.get("/admin/stats")).json()
+    process = live.app.state.process_name
+    assert stats["connections"][process] == 1
+    await ws.close()
+    for _ in range(50):
+        stats = (await admin.get("/admin/stats")).json()
+        if stats["connections"][process] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert stats["connections"][process] == 0

@@ -30,6 +30,7 @@ class PresenceStore(Protocol):
     async def remove(self, user_id: uuid.UUID) -> int: ...
     async def count(self, user_id: uuid.UUID) -> int: ...
     async def online(self, user_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, bool]: ...
+    async def processes(self) -> dict[str, int]: ...
 
 
 class TypingStore(Protocol):
@@ -38,8 +39,12 @@ class TypingStore(Protocol):
 
 
 class MemoryPresence:
-    def __init__(self) -> None:
+    def __init__(self, *, process: str) -> None:
+        self._process = process
         self._counts: dict[uuid.UUID, int] = {}
+
+    async def processes(self) -> dict[str, int]:
+        return {self._process: sum(self._counts.values())}
 
     async def start(self) -> None:
         return None
@@ -133,7 +138,7 @@ class RedisPresence:
         return f"{self._prefix}:proc:{process}"
 
     async def start(self) -> None:
-        await self._redis.set(self._process_key(self._process), "1", ex=PROCESS_TTL)
+        await self._announce_process()
         self._task = asyncio.create_task(self._refresh_forever(), name="parley-presence")
 
     async def stop(self) -> None:
@@ -153,7 +158,7 @@ class RedisPresence:
         while True:
             await asyncio.sleep(PROCESS_REFRESH)
             try:
-                await self._redis.set(self._process_key(self._process), "1", ex=PROCESS_TTL)
+                await self._announce_process()
                 # Re-assert the local counts: Redis may have restarted empty, or a write
                 # may have failed.
                 async with self._lock:
@@ -166,6 +171,23 @@ class RedisPresence:
                     self._dirty.clear()
             except Exception as exc:
                 log.warning("presence_refresh_failed", error=type(exc).__name__)
+
+    async def _announce_process(self) -> None:
+        """The heartbeat key, holding this process's live connection count."""
+        total = sum(self._local.values())
+        await self._redis.set(self._process_key(self._process), total, ex=PROCESS_TTL)
+
+    async def processes(self) -> dict[str, int]:
+        """Live connections per process, for every process whose heartbeat is fresh."""
+        await self._announce_process()
+        prefix = self._process_key("")
+        keys = [key async for key in self._redis.scan_iter(match=prefix + "*", count=500)]
+        values = await self._redis.mget(keys) if keys else []
+        return {
+            key.decode()[len(prefix) :]: int(value)
+            for key, value in zip(keys, values, strict=True)
+            if value is not None
+        }
 
     async def add(self, user_id: uuid.UUID) -> int:
         async with self._lock:

@@ -78,7 +78,7 @@ class Realtime:
             self.typing = RedisTyping(self.redis, prefix=settings.redis_prefix)
         else:
             broker = MemoryBroker()
-            self.presence = MemoryPresence()
+            self.presence = MemoryPresence(process=process)
             self.typing = MemoryTyping()
         self.broker = broker
         self.hub = Hub(db, broker)

@@ -102,5 +102,5 @@ async def admin_stats(admin: AdminUser, session: SessionDep, request: Request) -
         active_users=active,
         conversations=conversations,
         messages=messages,
-        connections={request.app.state.process_name: request.app.state.realtime.connection_count},
+        connections=await request.app.state.realtime.presence.processes(),
     )
