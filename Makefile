@@ -6,7 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format clean
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+.PHONY: install run test lint format clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Parley needs Python >= 3.11 on PATH"; exit 1; }
@@ -22,6 +24,18 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+# Benchmarks need PostgreSQL and Redis (PARLEY_BENCH_DATABASE_URL, PARLEY_BENCH_REDIS_URL;
+# defaults: the local servers) and pgbench on PATH.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run --full
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

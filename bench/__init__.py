@@ -1,0 +1,1 @@
+"""Parley's benchmark suite: `make bench` and `make bench-quick` (see bench/run.py)."""

@@ -1,0 +1,178 @@
+"""send: persisted HTTP sends/s on PostgreSQL, against the floor in the same run.
+
+- Parley: N concurrent keep-alive connections, each a different user posting into its
+  own room (`POST /api/v1/conversations/{id}/messages`), back to back.
+- bare ASGI: the same load against a framework-free ASGI app that does one asyncpg
+  INSERT per POST, under the same uvicorn settings.
+- pgbench: a single-row INSERT script at the same concurrency on the same PostgreSQL,
+  the database's own limit.
+
+Each measurement is repeated; the JSON carries the median, the plot the spread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import (
+    Database,
+    fresh_database,
+    free_port,
+    percentile,
+    progress,
+    register_users,
+    start_parley,
+    start_process,
+    summary,
+)
+from bench.loadgen import HttpTarget, http_closed_loop
+
+PGBENCH_SCRIPT = (
+    "INSERT INTO bare_messages (id, conversation_id, content) "
+    "VALUES (gen_random_uuid(), gen_random_uuid(), 'hello from pgbench');\n"
+)
+
+
+async def _measure(targets: list[HttpTarget], seconds: float, warmup: float, server: Any) -> dict[str, Any]:
+    cpu_before = server.cpu_seconds()
+    result = await http_closed_loop(targets, seconds=seconds, warmup=warmup)
+    cpu = server.cpu_seconds() - cpu_before
+    return {
+        "per_s": result.ok / seconds,
+        "errors": result.errors,
+        "p50_ms": percentile(result.latencies, 50) * 1000,
+        "p99_ms": percentile(result.latencies, 99) * 1000,
+        "server_cpu_s": cpu,
+        "wall_s": seconds + warmup,
+    }
+
+
+async def _pgbench(db: Database, concurrency: int, seconds: int) -> float:
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
+        script.write(PGBENCH_SCRIPT)
+    params = db.params
+    args = [
+        "pgbench",
+        "-n",
+        "-h", params["host"],
+        "-p", str(params["port"]),
+        "-U", params["user"],
+        "-c", str(concurrency),
+        "-j", str(min(concurrency, 2)),
+        "-T", str(seconds),
+        "-f", script.name,
+        params["database"],
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    Path(script.name).unlink(missing_ok=True)
+    match = re.search(rb"tps = ([0-9.]+)", out)
+    if proc.returncode != 0 or match is None:
+        raise RuntimeError(f"pgbench failed: {err.decode()[-500:]}")
+    return float(match.group(1))
+
+
+async def run(quick: bool) -> dict[str, Any]:
+    levels = [32] if quick else [1, 8, 32, 128]
+    repeats = 3
+    seconds, warmup = (5.0, 1.5) if quick else (10.0, 2.0)
+    results: dict[str, Any] = {"levels": {}}
+    async with fresh_database("send") as db:
+        parley = await start_parley(db, name="parley-send", PARLEY_DB_POOL_SIZE="20")
+        bare_port = free_port()
+        bare = await start_process(
+            "bare-asgi",
+            [sys.executable, "-m", "bench.baselines.bare_asgi", "--port", str(bare_port),
+             "--dsn", db.dsn, "--pool-size", "20"],
+        )  # fmt: skip
+        try:
+            users = await register_users(parley.base, max(levels), "sender")
+            rooms = []
+            async with httpx.AsyncClient(base_url=parley.base, timeout=30) as client:
+                for user in users:
+                    resp = await client.post(
+                        "/api/v1/conversations",
+                        json={"kind": "room", "name": f"room of {user.username}"},
+                        headers=user.headers,
+                    )
+                    resp.raise_for_status()
+                    rooms.append(resp.json()["id"])
+            for level in levels:
+                parley_targets = [
+                    HttpTarget(parley.port, f"/api/v1/conversations/{rooms[i]}/messages",
+                               users[i].token, [{"content": "hello"}])
+                    for i in range(level)
+                ]  # fmt: skip
+                bare_targets = [
+                    HttpTarget(bare.port, "/messages", None,
+                               [{"conversation_id": rooms[i], "content": "hello"}])
+                    for i in range(level)
+                ]  # fmt: skip
+                runs: dict[str, list[dict[str, Any]]] = {"parley": [], "bare": []}
+                pg_tps: list[float] = []
+                for r in range(repeats):
+                    progress(f"send: concurrency {level}, round {r + 1}/{repeats}")
+                    runs["bare"].append(await _measure(bare_targets, seconds, warmup, bare))
+                    runs["parley"].append(await _measure(parley_targets, seconds, warmup, parley))
+                    pg_tps.append(await _pgbench(db, level, int(seconds)))
+                results["levels"][str(level)] = _summarize(runs, pg_tps)
+                level_result = results["levels"][str(level)]
+                progress(
+                    f"send: c={level} parley {level_result['parley_per_s']:.0f}/s, "
+                    f"bare {level_result['baseline_per_s']:.0f}/s, "
+                    f"pgbench {level_result['pgbench_tps']:.0f} tps, "
+                    f"ratio {level_result['ratio']:.2f}"
+                )
+        finally:
+            parley.stop()
+            bare.stop()
+    headline = results["levels"]["32"]
+    results.update(
+        {
+            "parley_per_s": headline["parley_per_s"],
+            "baseline_per_s": headline["baseline_per_s"],
+            "pgbench_tps": headline["pgbench_tps"],
+            "ratio": headline["ratio"],
+            "vs_pgbench": headline["vs_pgbench"],
+            "p50_ms": headline["parley_p50_ms"],
+            "p99_ms": headline["parley_p99_ms"],
+            "goal": 0.5,
+        }
+    )
+    return results
+
+
+def _summarize(runs: dict[str, list[dict[str, Any]]], pg_tps: list[float]) -> dict[str, Any]:
+    parley = [r["per_s"] for r in runs["parley"]]
+    bare = [r["per_s"] for r in runs["bare"]]
+    ratios = [p / b for p, b in zip(parley, bare, strict=True) if b]
+    return {
+        "parley_per_s": statistics.median(parley),
+        "baseline_per_s": statistics.median(bare),
+        "pgbench_tps": statistics.median(pg_tps),
+        "ratio": statistics.median(ratios),
+        "vs_pgbench": statistics.median(parley) / statistics.median(pg_tps),
+        "ratio_spread": summary(ratios),
+        "parley_spread": summary(parley),
+        "baseline_spread": summary(bare),
+        "pgbench_spread": summary(pg_tps),
+        "parley_p50_ms": statistics.median(r["p50_ms"] for r in runs["parley"]),
+        "parley_p99_ms": statistics.median(r["p99_ms"] for r in runs["parley"]),
+        "baseline_p50_ms": statistics.median(r["p50_ms"] for r in runs["bare"]),
+        "baseline_p99_ms": statistics.median(r["p99_ms"] for r in runs["bare"]),
+        "parley_cpu_s_per_1k": 1000
+        * statistics.median(r["server_cpu_s"] / max(r["per_s"] * r["wall_s"], 1) for r in runs["parley"]),
+        "baseline_cpu_s_per_1k": 1000
+        * statistics.median(r["server_cpu_s"] / max(r["per_s"] * r["wall_s"], 1) for r in runs["bare"]),
+        "errors": sum(r["errors"] for rs in runs.values() for r in rs),
+    }
