@@ -30,7 +30,14 @@ import redis.asyncio as aioredis
 import websockets
 import websockets.asyncio.client
 
-from tests.conftest import PASSWORD, WS, AppFactory, Backend, truncate_all
+from tests.conftest import PASSWORD, PG_URL, WS, AppFactory, Backend, truncate_all
+
+# Several processes share state only through PostgreSQL and Redis: these tests run on
+# that backend alone (SQLite is the single-process embedded mode).
+pytestmark = [
+    pytest.mark.skipif(not PG_URL, reason="needs PARLEY_TEST_DATABASE_URL (PostgreSQL)"),
+    pytest.mark.parametrize("backend", ["postgres"], indirect=True),
+]
 
 # Each wait below is bounded: a server that does not come up, or an event that does not
 # come, fails the test within these rather than hanging the run.
@@ -341,8 +348,6 @@ class Cluster:
 async def cluster(
     backend: Backend, app_factory: AppFactory, tmp_path: Path
 ) -> AsyncIterator[Cluster]:
-    if not backend.is_postgres:
-        pytest.skip("needs PostgreSQL: SQLite is single-process")
     # The run's database, emptied as the `app` fixture does; the servers share it.
     await truncate_all(await app_factory())
     redis = RedisServer(free_port(), tmp_path)

@@ -13,6 +13,7 @@ from sqlalchemy import (
     and_,
     delete,
     func,
+    insert,
     literal_column,
     or_,
     select,
@@ -174,13 +175,113 @@ async def replace_mentions(
 
 async def others_markers(
     session: AsyncSession, conversation_id: uuid.UUID, user_id: uuid.UUID
-) -> tuple[int | None, int | None]:
-    """The lowest read and delivered markers among the other members."""
-    stmt = select(func.min(Membership.last_read_seq), func.min(Membership.delivered_seq)).where(
-        Membership.conversation_id == conversation_id, Membership.user_id != user_id
+) -> tuple[str, int | None, int | None]:
+    """The conversation's kind, and the lowest read and delivered markers among the other
+    members (None when there are none), in one query."""
+    stmt = (
+        select(
+            Conversation.kind,
+            func.min(Membership.last_read_seq),
+            func.min(Membership.delivered_seq),
+        )
+        .outerjoin(
+            Membership,
+            and_(Membership.conversation_id == Conversation.id, Membership.user_id != user_id),
+        )
+        .where(Conversation.id == conversation_id)
+        .group_by(Conversation.kind)
     )
-    row = (await session.execute(stmt)).one()
-    return row[0], row[1]
+    row = (await session.execute(stmt)).one_or_none()
+    if row is None:
+        return "room", None, None
+    return row[0], row[1], row[2]
+
+
+# One round trip for the common send on PostgreSQL: check membership, take the next seq
+# (the row lock orders concurrent senders), insert the message and its event-log row,
+# and move the sender's read marker. A client_msg_id that already exists inserts nothing
+# and returns inserted = NULL; the caller rolls its savepoint back so no seq is lost.
+SEND_PG = text(
+    """
+WITH conv AS (
+    UPDATE conversations
+    SET last_seq = last_seq + 1, last_activity_at = :now, updated_at = :now
+    WHERE id = :cid AND deleted_at IS NULL
+      AND EXISTS (SELECT 1 FROM memberships WHERE conversation_id = :cid AND user_id = :uid)
+    RETURNING last_seq
+), msg AS (
+    INSERT INTO messages
+        (id, conversation_id, seq, updated_seq, sender_id, content, client_msg_id,
+         reply_to_id, created_at)
+    SELECT :mid, :cid, last_seq, last_seq, :uid, :content, :cmid, :reply, :now FROM conv
+    ON CONFLICT (conversation_id, sender_id, client_msg_id) DO NOTHING
+    RETURNING seq
+), event AS (
+    INSERT INTO conversation_events (conversation_id, seq, type, message_id, actor_id, created_at)
+    SELECT :cid, seq, 'message.created', :mid, :uid, :now FROM msg
+), marker AS (
+    UPDATE memberships
+    SET last_read_seq = msg.seq, last_read_at = :now,
+        delivered_seq = GREATEST(delivered_seq, msg.seq)
+    FROM msg
+    WHERE conversation_id = :cid AND user_id = :uid AND last_read_seq < msg.seq
+    RETURNING msg.seq
+), mark AS (
+    INSERT INTO read_marks (conversation_id, user_id, seq, read_at)
+    SELECT :cid, :uid, seq, :now FROM marker
+)
+SELECT conv.last_seq, (SELECT seq FROM msg) AS inserted FROM conv
+"""
+)
+
+
+async def insert_message_pg(
+    session: AsyncSession,
+    *,
+    message_id: uuid.UUID,
+    conversation_id: uuid.UUID,
+    sender_id: uuid.UUID,
+    content: str,
+    client_msg_id: str | None,
+    reply_to_id: uuid.UUID | None,
+    now: datetime,
+) -> tuple[int | None, bool]:
+    """(seq taken or None when not a member / no such conversation, inserted?)."""
+    row = (
+        await session.execute(
+            SEND_PG,
+            {
+                "cid": conversation_id,
+                "uid": sender_id,
+                "mid": message_id,
+                "content": content,
+                "cmid": client_msg_id,
+                "reply": reply_to_id,
+                "now": now,
+            },
+        )
+    ).one_or_none()
+    if row is None:
+        return None, False
+    return row[0], row[1] is not None
+
+
+async def insert_mentions(
+    session: AsyncSession, message: Message, user_ids: Sequence[uuid.UUID]
+) -> None:
+    if user_ids:
+        await session.execute(
+            insert(Mention),
+            [
+                {
+                    "message_id": message.id,
+                    "user_id": user_id,
+                    "conversation_id": message.conversation_id,
+                    "seq": message.seq,
+                }
+                for user_id in user_ids
+            ],
+        )
 
 
 async def advance_read_marker(
