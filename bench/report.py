@@ -129,33 +129,12 @@ def plot(results: dict[str, Any]) -> None:
 
     fanout = results.get("fanout", {})
     if fanout.get("steps"):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for label, key in (("Parley", "parley"), ("bare websockets", "baseline")):
-            steps = [s for s in fanout["steps"] if s.get("server") == key]
-            if steps:
-                ax.plot(
-                    [s["offered_per_s"] for s in steps],
-                    [s["deliveries_per_s"] for s in steps],
-                    marker="o",
-                    label=f"{label} deliveries/s",
-                )
-        ax.set_xlabel("offered sends / s")
-        ax.set_ylabel("deliveries / s")
-        ax2 = ax.twinx()
-        steps = [s for s in fanout["steps"] if s.get("server") == "parley"]
-        ax2.plot(
-            [s["offered_per_s"] for s in steps],
-            [s["p99_ms"] for s in steps],
-            color="gray",
-            linestyle="--",
-            label="Parley p99 ms",
+        _plot_fanout(
+            plt, fanout, "fanout.png", f"one room, {fanout.get('members')} connected members"
         )
-        ax2.set_ylabel("end-to-end p99 (ms)")
-        ax.set_title(f"fanout: one room, {fanout.get('members')} connected members")
-        ax.legend(loc="upper left")
-        fig.tight_layout()
-        fig.savefig(RESULTS / "fanout.png", dpi=110)
-        plt.close(fig)
+    rooms = fanout.get("rooms_100x10", {})
+    if rooms.get("steps"):
+        _plot_fanout(plt, rooms, "fanout_rooms.png", "100 rooms × 10 connected members")
 
     history = results.get("history", {})
     if "p99_small_ms" in history and "p99_large_ms" in history:
@@ -169,3 +148,90 @@ def plot(results: dict[str, Any]) -> None:
         fig.tight_layout()
         fig.savefig(RESULTS / "history.png", dpi=110)
         plt.close(fig)
+
+
+def _plot_fanout(plt: Any, fanout: dict[str, Any], filename: str, title: str) -> None:
+    """Left: deliveries/s against the offered send rate (the knee). Right: end-to-end
+    p50/p99. The half-knee step, where p50/p99 are reported, is the star."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    members = fanout.get("members_per_room") or fanout.get("members") or 1
+    for label, key, color in (("Parley", "parley", "C0"), ("bare websockets", "baseline", "C1")):
+        steps = sorted(
+            (
+                s
+                for s in fanout["steps"]
+                if s.get("server") == key and not s.get("half_knee") and not s.get("repeat")
+            ),
+            key=lambda s: s["offered_per_s"],
+        )
+        if not steps:
+            continue
+        repeats = [s for s in fanout["steps"] if s.get("server") == key and s.get("repeat")]
+        if repeats:
+            left.plot(
+                [s["offered_per_s"] for s in repeats],
+                [s["deliveries_per_s"] for s in repeats],
+                marker="x",
+                color=color,
+                linestyle="none",
+                label=f"{label}, knee repeated",
+            )
+        xs = [s["offered_per_s"] for s in steps]
+        left.plot(xs, [s["deliveries_per_s"] for s in steps], marker="o", color=color, label=label)
+        right.plot(xs, [s["p99_ms"] for s in steps], marker="o", color=color, label=f"{label} p99")
+        right.plot(
+            xs,
+            [s["p50_ms"] for s in steps],
+            marker=".",
+            linestyle=":",
+            color=color,
+            label=f"{label} p50",
+        )
+    half = [s for s in fanout["steps"] if s.get("half_knee")]
+    for s in half:
+        left.plot(
+            [s["offered_per_s"]],
+            [s["deliveries_per_s"]],
+            marker="*",
+            markersize=14,
+            color="C0",
+            linestyle="none",
+            label="Parley at ½ knee",
+        )
+        right.plot(
+            [s["offered_per_s"]],
+            [s["p99_ms"]],
+            marker="*",
+            markersize=14,
+            color="C0",
+            linestyle="none",
+            label="Parley p99 at ½ knee",
+        )
+    xs_all = sorted({s["offered_per_s"] for s in fanout["steps"]})
+    if xs_all:
+        left.plot(
+            xs_all,
+            [x * members for x in xs_all],
+            color="gray",
+            linestyle="--",
+            linewidth=0.8,
+            label="offered deliveries/s",
+        )
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_xlabel("offered sends / s")
+    left.set_ylabel("deliveries / s")
+    left.set_title(f"fanout: {title}")
+    left.legend(fontsize=8)
+    right.axhline(
+        fanout.get("goal_p99_ms", 100), color="red", linewidth=0.8, linestyle="--", label="goal p99"
+    )
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("offered sends / s")
+    right.set_ylabel("end-to-end latency (ms)")
+    right.set_title("latency from the sender's timestamp")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / filename, dpi=110)
+    plt.close(fig)

@@ -394,7 +394,10 @@ class Hub:
         await self._flush_delivered()
 
     async def _close_ended_sessions(self) -> None:
-        sessions = {c.session_id for c in self.connections.values()}
+        # Only the connections asked about: one that attaches while the query runs has
+        # a session nobody checked yet, and must not be taken for an ended one.
+        checked = list(self.connections.values())
+        sessions = {c.session_id for c in checked}
         if not sessions:
             return
         async with self.db.transaction(write=False) as session:
@@ -409,7 +412,7 @@ class Hub:
                 )
             )
             live = set(rows)
-        for conn in list(self.connections.values()):
+        for conn in checked:
             if conn.session_id not in live:
                 conn.close(CLOSE_UNAUTHORIZED, "the session has ended")
 
