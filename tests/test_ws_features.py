@@ -21,6 +21,7 @@ from parley.messages.schemas import MessageCreate
 from parley.messages.service import do_send_message
 from parley.models import User as UserRow
 from parley.realtime import gateway, presence
+from parley.realtime import hub as hub_module
 from parley.realtime.connection import Connection
 from parley.realtime.gateway import OP_BURST
 from tests.conftest import (
@@ -510,7 +511,9 @@ async def test_a_client_that_stops_reading_is_let_go_even_without_overflow(
     room: dict[str, Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(gateway, "WRITE_TIMEOUT", 0.5)
+    # The hub's sweep closes a writer blocked longer than WRITE_STALL.
+    monkeypatch.setattr(hub_module, "WRITE_STALL", 0.5)
+    monkeypatch.setattr(hub_module, "SWEEP_INTERVAL", 0.2)
     monkeypatch.setattr(gateway, "CLOSE_TIMEOUT", 0.5)
     app = await app_factory(max_message_chars=60_000)
     live = await live_factory(app)

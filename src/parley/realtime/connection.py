@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 from parley.ops.metrics import QUEUE_DROPS
@@ -20,6 +21,9 @@ SEND_QUEUE_LIMIT = 512
 # A replay (resume) fills the queue only while the client keeps reading: it waits for
 # room every so often and gives up on a client that reads nothing for this long.
 REPLAY_POLL = 0.005
+# §9.6: a client that does not take a frame for this long is too slow (4008), even
+# while its queue has room: it bounds how long a writer waits on a socket never read.
+WRITE_STALL = 10.0
 REPLAY_STALL = 30.0
 
 CLOSE_NORMAL = 1000
@@ -38,6 +42,56 @@ class Frame:
     conversation_id: uuid.UUID | None = None
     seq: int | None = None
     type: str | None = None
+    # The payload as text, decoded once by the hub and shared by every connection the
+    # event goes to (WebSocket text frames and SSE data are str).
+    text: str | None = None
+
+    @property
+    def data(self) -> str:
+        return self.text if self.text is not None else self.payload.decode()
+
+
+class FrameQueue:
+    """A bounded FIFO with one consumer, much cheaper than asyncio.Queue on the fan-out
+    path (no unfinished-task bookkeeping, at most one waiter to wake)."""
+
+    __slots__ = ("_items", "_waiter", "maxsize")
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[Frame | None] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        return len(self._items) >= self.maxsize
+
+    def put_nowait(self, item: Frame | None) -> None:
+        if item is not None and len(self._items) >= self.maxsize:
+            raise asyncio.QueueFull
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def get_nowait(self) -> Frame | None:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items.popleft()
+
+    async def get(self) -> Frame | None:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
 
 
 @dataclass(eq=False, slots=True)
@@ -48,7 +102,7 @@ class Connection:
     # Set for the one-conversation WebSocket and the one-conversation SSE stream.
     scope: uuid.UUID | None = None
     queue_limit: int = SEND_QUEUE_LIMIT
-    queue: asyncio.Queue[Frame | None] = field(init=False)
+    queue: FrameQueue = field(init=False)
     # The highest seq handed over per conversation: nothing is sent twice or backwards.
     # Only conversations with traffic since connecting get an entry.
     sent: dict[uuid.UUID, int] = field(default_factory=dict)
@@ -59,27 +113,45 @@ class Connection:
     held: dict[uuid.UUID, list[Frame]] = field(default_factory=dict)
     close_code: int | None = None
     close_reason: str = ""
+    # The transport's writer, and since when it has been blocked writing one frame: a
+    # close cancels a blocked writer (the socket will not take the goodbye frames
+    # anyway), and the hub's sweep closes one blocked too long (§9.6).
+    writer: asyncio.Task[None] | None = None
+    writing_since: float | None = None
 
     def __post_init__(self) -> None:
-        self.queue = asyncio.Queue(self.queue_limit)
+        self.queue = FrameQueue(self.queue_limit)
 
     @property
     def closed(self) -> bool:
         return self.close_code is not None
 
-    def deliver(self, conversation_id: uuid.UUID, seq: int, payload: bytes, type_: str) -> None:
+    def deliver(
+        self,
+        conversation_id: uuid.UUID,
+        seq: int,
+        payload: bytes,
+        type_: str,
+        text: str | None = None,
+    ) -> None:
         """A sequenced event: in order, at most once."""
+        self.deliver_frame(Frame(payload, conversation_id, seq, type_, text))
+
+    def deliver_frame(self, frame: Frame) -> None:
+        """deliver() for a frame built once and shared by every connection it goes to."""
         if self.closed:
             return
+        conversation_id, seq = frame.conversation_id, frame.seq
+        assert conversation_id is not None and seq is not None
         held = self.held.get(conversation_id)
         if held is not None:
-            held.append(Frame(payload, conversation_id, seq, type_))
+            held.append(frame)
             return
         if seq <= self.sent.get(conversation_id, 0):
             return
         self.sent[conversation_id] = seq
         self.first_live.setdefault(conversation_id, seq)
-        self._put(Frame(payload, conversation_id, seq, type_))
+        self._put(frame)
 
     def replay(self, conversation_id: uuid.UUID, seq: int, payload: bytes, type_: str) -> None:
         """A sequenced event loaded for this connection's resume (passes the hold).
@@ -109,10 +181,10 @@ class Connection:
             await asyncio.sleep(REPLAY_POLL)
             waited += REPLAY_POLL
 
-    def send(self, payload: bytes) -> None:
+    def send(self, payload: bytes, text: str | None = None) -> None:
         """An ephemeral event or a reply."""
         if not self.closed:
-            self._put(Frame(payload))
+            self._put(Frame(payload, text=text))
 
     def floor(self, conversation_id: uuid.UUID, seq: int) -> None:
         """Nothing at or below `seq` of this conversation is to be sent."""
@@ -125,8 +197,7 @@ class Connection:
     def release(self, conversation_id: uuid.UUID) -> None:
         """End a replay: deliver what arrived live meanwhile, minus what the replay sent."""
         for frame in self.held.pop(conversation_id, []):
-            assert frame.seq is not None and frame.type is not None
-            self.deliver(conversation_id, frame.seq, frame.payload, frame.type)
+            self.deliver_frame(frame)
 
     def close(self, code: int, reason: str = "", *, flush: bool = False) -> None:
         """Ask the transport to close. Queued frames are dropped, unless `flush`: then
@@ -139,6 +210,8 @@ class Connection:
             while not self.queue.empty():
                 self.queue.get_nowait()
         self.queue.put_nowait(None)
+        if self.writing_since is not None and self.writer is not None and not flush:
+            self.writer.cancel()
 
     def _put(self, frame: Frame) -> None:
         try:

@@ -35,6 +35,7 @@ from parley.realtime.connection import (
     CLOSE_POLICY,
     CLOSE_TOO_SLOW,
     CLOSE_UNAUTHORIZED,
+    WRITE_STALL,
     Connection,
 )
 from parley.realtime.envelope import serialize
@@ -75,10 +76,6 @@ OP_BURST = 40.0
 # trickles back lets one op through and starts the count again.
 MAX_STRIKES = 50.0
 STRIKE_DECAY = 5.0
-# §9.6: a client that does not take a frame for this long is too slow (4008), even
-# while its queue has room. Its queue overflowing closes it sooner; this bounds how long
-# a writer can wait on a socket that is never read.
-WRITE_TIMEOUT = 10.0
 # A goodbye (close frame) to a client that does not read gets this long to go out;
 # then the connection is dropped without one.
 CLOSE_TIMEOUT = 5.0
@@ -227,8 +224,8 @@ class Gateway:
                     await task
 
     async def _send_now(self, payload: bytes) -> None:
-        """Write one frame, giving up (TimeoutError) on a client that does not take it."""
-        async with asyncio.timeout(WRITE_TIMEOUT):
+        """Write one frame before the writer runs (ready, backlog), bounded in time."""
+        async with asyncio.timeout(WRITE_STALL):
             await self.ws.send_text(payload.decode())
 
     async def _send_backlog(self, conversation_id: uuid.UUID) -> None:
@@ -262,17 +259,17 @@ class Gateway:
         conn = self.conn
         assert conn is not None
         hub = self.realtime.hub
+        queue = conn.queue
+        send = self.ws.send_text
+        conn.writer = asyncio.current_task()
         while True:
-            frame = await conn.queue.get()
+            frame = queue.get_nowait() if not queue.empty() else await queue.get()
             if frame is None:
                 return
-            try:
-                await self._send_now(frame.payload)
-            except TimeoutError:
-                # Also ends the wait of a client whose queue overflowed meanwhile: the
-                # socket would otherwise stay open for as long as the client stays silent.
-                conn.close(CLOSE_TOO_SLOW, "too slow: reconnect and resume")
-                return
+            # The hub's sweep (and a queue overflow) close a writer blocked here too long.
+            conn.writing_since = time.monotonic()
+            await send(frame.data)
+            conn.writing_since = None
             if frame.type == "message.created" and frame.conversation_id and frame.seq:
                 hub.mark_delivered(conn, frame.conversation_id, frame.seq)
 

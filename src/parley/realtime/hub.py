@@ -32,7 +32,14 @@ from parley.db.session import Database
 from parley.models import AuthSession, Membership, User
 from parley.ops.metrics import EVENTS_FANNED_OUT, FANOUT_LATENCY, HOLES_FILLED
 from parley.realtime.broker import Broker
-from parley.realtime.connection import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, Connection
+from parley.realtime.connection import (
+    CLOSE_FORBIDDEN,
+    CLOSE_TOO_SLOW,
+    CLOSE_UNAUTHORIZED,
+    WRITE_STALL,
+    Connection,
+    Frame,
+)
 from parley.realtime.envelope import Envelope, conversation_channel, serialize, user_channel
 from parley.realtime.events import ConversationDeletedEvent, GapEvent
 from parley.realtime.replay import last_seqs, load_envelopes
@@ -252,10 +259,11 @@ class Hub:
         if envelope.type == "conversation.deleted":
             self._deleted(stream, envelope.payload)
             return
+        text = envelope.payload.decode()
         for conn in list(stream.subscribers):
             if envelope.type == "typing" and conn.user_id == envelope.subject:
                 continue  # one's own typing is no news
-            conn.send(envelope.payload)
+            conn.send(envelope.payload, text)
         EVENTS_FANNED_OUT.labels("ephemeral").inc(len(stream.subscribers))
 
     def _drain(self, stream: Stream) -> None:
@@ -278,8 +286,12 @@ class Hub:
                 if conn.scope is None:
                     stream.subscribers.add(conn)
                     self.member_of.setdefault(conn.id, set()).add(stream.id)
+        # One frame, decoded once, for every connection.
+        frame = Frame(
+            envelope.payload, stream.id, envelope.seq, envelope.type, envelope.payload.decode()
+        )
         for conn in list(stream.subscribers):
-            conn.deliver(stream.id, envelope.seq, envelope.payload, envelope.type)
+            conn.deliver_frame(frame)
         EVENTS_FANNED_OUT.labels("sequenced").inc(len(stream.subscribers))
         if envelope.type == "member.left" and subject is not None:
             for conn in list(self.by_user.get(subject, ())):
@@ -389,9 +401,19 @@ class Hub:
                 log.exception("sweep_failed")
 
     async def sweep(self) -> None:
+        self._close_stalled_writers()
         await self._close_ended_sessions()
         await self._check_streams()
         await self._flush_delivered()
+
+    def _close_stalled_writers(self) -> None:
+        """§9.6: a client that takes no frame for WRITE_STALL seconds is too slow, even
+        while its queue still has room."""
+        now = time.monotonic()
+        for conn in list(self.connections.values()):
+            since = conn.writing_since
+            if since is not None and now - since > WRITE_STALL:
+                conn.close(CLOSE_TOO_SLOW, "too slow: reconnect and resume")
 
     async def _close_ended_sessions(self) -> None:
         # Only the connections asked about: one that attaches while the query runs has

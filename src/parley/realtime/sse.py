@@ -600,7 +600,7 @@ class EventStream:
                 hub.mark_delivered(conn, frame.conversation_id, frame.seq)
 
     async def _event(self, frame: Frame) -> ServerSentEvent:
-        data = frame.payload.decode()
+        data = frame.data
         event_type = frame.type or _type_of(frame.payload)
         if frame.seq is None or frame.conversation_id is None:
             return ServerSentEvent(data, event=event_type)
