@@ -235,29 +235,20 @@ SELECT conv.last_seq, (SELECT seq FROM msg) AS inserted FROM conv
 )
 
 
-async def insert_message_pg(
-    session: AsyncSession,
-    *,
-    message_id: uuid.UUID,
-    conversation_id: uuid.UUID,
-    sender_id: uuid.UUID,
-    content: str,
-    client_msg_id: str | None,
-    reply_to_id: uuid.UUID | None,
-    now: datetime,
-) -> tuple[int | None, bool]:
-    """(seq taken or None when not a member / no such conversation, inserted?)."""
+async def insert_message_pg(session: AsyncSession, message: Message) -> tuple[int | None, bool]:
+    """Run SEND_PG for a message not yet in the session (its seq is what it returns):
+    (seq taken, or None when not a member / no such conversation; inserted?)."""
     row = (
         await session.execute(
             SEND_PG,
             {
-                "cid": conversation_id,
-                "uid": sender_id,
-                "mid": message_id,
-                "content": content,
-                "cmid": client_msg_id,
-                "reply": reply_to_id,
-                "now": now,
+                "cid": message.conversation_id,
+                "uid": message.sender_id,
+                "mid": message.id,
+                "content": message.content,
+                "cmid": message.client_msg_id,
+                "reply": message.reply_to_id,
+                "now": message.created_at,
             },
         )
     ).one_or_none()

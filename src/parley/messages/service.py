@@ -6,7 +6,6 @@ written to the conversation's event log with it.
 
 from __future__ import annotations
 
-import functools
 import re
 import uuid
 from collections.abc import Sequence
@@ -172,27 +171,25 @@ async def _send_pg(
         if existing is not None:
             await access_membership(session, principal, conversation_id)
             return existing, False
-    now = utcnow()
-    message_id = uuid.uuid4()
-    insert = functools.partial(
-        repository.insert_message_pg,
-        session,
-        message_id=message_id,
+    message = Message(
+        id=uuid.uuid4(),
         conversation_id=conversation_id,
         sender_id=principal.id,
         content=data.content,
         client_msg_id=data.client_msg_id,
         reply_to_id=None,
-        now=now,
+        created_at=utcnow(),
+        edited_at=None,
+        deleted_at=None,
     )
     if data.client_msg_id is None:
-        seq, inserted = await insert()
+        seq, inserted = await repository.insert_message_pg(session, message)
     else:
         # A concurrent twin may win the unique index after our check: the statement then
         # inserts nothing, and the savepoint gives the seq it took back.
         try:
             async with session.begin_nested():
-                seq, inserted = await insert()
+                seq, inserted = await repository.insert_message_pg(session, message)
                 if seq is not None and not inserted:
                     raise _Duplicate(None)
         except _Duplicate:
@@ -203,19 +200,7 @@ async def _send_pg(
             return existing, False
     if seq is None:
         raise ConversationNotFound()
-    message = Message(
-        id=message_id,
-        conversation_id=conversation_id,
-        seq=seq,
-        updated_seq=seq,
-        sender_id=principal.id,
-        content=data.content,
-        client_msg_id=data.client_msg_id,
-        reply_to_id=None,
-        created_at=now,
-        edited_at=None,
-        deleted_at=None,
-    )
+    message.seq = message.updated_seq = seq
     mentioned: list[uuid.UUID] = []
     if "@" in data.content:
         mentioned = await _mentioned_members(session, conversation_id, principal.id, data.content)

@@ -164,21 +164,29 @@ class Hub:
     async def _open(self, streams: list[Stream]) -> None:
         if not streams:
             return
-        async with self.db.transaction(write=False) as session:
-            seqs = await last_seqs(session, [s.id for s in streams])
-        for stream in streams:
-            if self.streams.get(stream.id) is not stream:
-                continue
-            seq = seqs.get(stream.id)
-            if seq is None:
-                self._deleted(stream)
-                continue
+        for stream, seq in await self._positions(streams):
             stream.last_seq = seq
             stream.expected = seq
             stream.ready = True
             self._drain(stream)
             if stream.pending:
                 self._schedule_fill(stream)
+
+    async def _positions(self, streams: list[Stream]) -> list[tuple[Stream, int]]:
+        """Where the database says each stream's conversation stands; streams dropped
+        meanwhile are left out, deleted conversations are dropped here."""
+        async with self.db.transaction(write=False) as session:
+            seqs = await last_seqs(session, [s.id for s in streams])
+        positions = []
+        for stream in streams:
+            if self.streams.get(stream.id) is not stream:
+                continue
+            seq = seqs.get(stream.id)
+            if seq is None:
+                self._deleted(stream)
+            else:
+                positions.append((stream, seq))
+        return positions
 
     def subscribe_connection(self, conn: Connection, conversation_id: uuid.UUID) -> Stream | None:
         """The stream of a conversation `conn` already routes, for a resume."""
@@ -442,16 +450,8 @@ class Hub:
         streams = [s for s in self.streams.values() if s.ready]
         if not streams:
             return
-        async with self.db.transaction(write=False) as session:
-            seqs = await last_seqs(session, [s.id for s in streams])
         idle: list[str] = []
-        for stream in streams:
-            if self.streams.get(stream.id) is not stream:
-                continue
-            seq = seqs.get(stream.id)
-            if seq is None:
-                self._deleted(stream)
-                continue
+        for stream, seq in await self._positions(streams):
             if not stream.subscribers and not stream.filling and not stream.pending:
                 del self.streams[stream.id]
                 idle.append(conversation_channel(stream.id))
