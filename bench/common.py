@@ -285,3 +285,96 @@ async def register_users(base: str, count: int, prefix: str, *, concurrency: int
 
         await asyncio.gather(*(one(i) for i in range(count)))
     return [u for u in users if u is not None]
+
+
+# -- load-generator processes that keep state between steps ----------------------------
+
+
+def _workers_main(pipe: Any, module: str) -> None:
+    import importlib
+
+    import uvloop
+
+    handlers = importlib.import_module(module)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        state: dict[str, Any] = {}
+        while True:
+            command, arg = await loop.run_in_executor(None, pipe.recv)
+            if command is None:
+                return
+            try:
+                result = await getattr(handlers, f"cmd_{command}")(state, arg)
+                pipe.send(("ok", result))
+            except Exception as exc:  # reported to the parent, which raises it
+                pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+
+    uvloop.run(serve())
+
+
+class Workers:
+    """`count` child processes (spawned), each running one uvloop event loop with a state
+    of its own that lives across steps. `await workers.call("x", args)` runs
+    `<module>.cmd_x(state, args[i])` in worker i, all at once, and returns the results.
+
+    For multi-step load (connect, hold, disconnect, reconnect) that a one-shot process
+    pool cannot express."""
+
+    def __init__(self, count: int, module: str) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.pipes = []
+        self.procs = []
+        for _ in range(count):
+            parent, child = context.Pipe()
+            proc = context.Process(target=_workers_main, args=(child, module), daemon=True)
+            proc.start()
+            child.close()  # so a worker that dies shows as EOFError, not a hang
+            self.pipes.append(parent)
+            self.procs.append(proc)
+        self.ps = [psutil.Process(p.pid) for p in self.procs]
+
+    def __len__(self) -> int:
+        return len(self.procs)
+
+    async def call(self, command: str, args: Sequence[Any]) -> list[Any]:
+        assert len(args) == len(self.pipes)
+        for pipe, arg in zip(self.pipes, args, strict=True):
+            pipe.send((command, arg))
+        replies = await asyncio.gather(*(asyncio.to_thread(pipe.recv) for pipe in self.pipes))
+        errors = [detail for status, detail in replies if status != "ok"]
+        if errors:
+            raise RuntimeError(f"worker {command} failed: {errors[0]}")
+        return [result for _, result in replies]
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for proc in self.ps:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+
+    def close(self) -> None:
+        for pipe, proc in zip(self.pipes, self.procs, strict=True):
+            with contextlib.suppress(Exception):
+                if proc.is_alive():
+                    pipe.send((None, None))
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+async def live_connections(base: str) -> int:
+    """The server's own count of live WebSocket and SSE connections (/metrics)."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(f"{base}/metrics")).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("parley_live_connections{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -52,6 +53,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.shutting_down = False
         await app.state.realtime.start()
         undo_drain = install_drain(app, settings.shutdown_drain)
+        # Everything alive now (modules, the app, pools) lives as long as the process:
+        # moved out of the collector's view, a full collection under load walks a tenth
+        # of the objects and pauses ~10 ms instead of ~100 ms (the p99 tail in bench/).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
