@@ -201,3 +201,20 @@ async def test_admin_stats_count_live_connections_per_process(
             break
         await asyncio.sleep(0.02)
     assert stats["connections"][process] == 0
+
+
+async def test_the_protocol_schema_names_every_op_and_event(anon: Any) -> None:
+    resp = await anon.get("/realtime/schema")
+    assert resp.status_code == 200
+    schema = resp.json()
+    text = str(schema)
+    for op in ("send", "edit", "delete", "typing", "read", "history", "resume", "ping", "auth"):
+        assert f"'{op}'" in text, op
+    for event in (
+        "ready", "ack", "history", "resumed", "pong", "backlog", "error", "gap",
+        "message.created", "message.updated", "message.deleted",
+        "member.joined", "member.left", "member.updated",
+        "typing", "read", "presence", "conversation.updated", "conversation.deleted",
+    ):  # fmt: skip
+        assert f"'{event}'" in text, event
+    assert set(schema) >= {"client_op", "server_event"}
