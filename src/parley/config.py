@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # one Redis without meeting.
     redis_prefix: str = "parley"
     login_rate: str = "10/minute"
+    # §10: message sends per user (REST and WebSocket together) and API requests per
+    # user. Generous for people, a wall for a runaway client.
+    send_rate: str = "30/10 seconds"
+    request_rate: str = "1200/minute"
     register_rate: str = "5/minute"
 
     @field_validator("cors_origins", "ws_allowed_origins", mode="before")

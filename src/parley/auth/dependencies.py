@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 
 from parley.auth.service import Principal, access_principal_by_token
@@ -10,6 +10,7 @@ from parley.db.session import SessionDep
 from parley.deps import SettingsDep
 from parley.errors import Forbidden, Unauthorized
 from parley.ops.context import user_id_var
+from parley.ops.ratelimit import RateLimiter
 
 # tokenUrl points at the login endpoint, which also takes the OAuth2 password form, so
 # the Authorize button of /docs works.
@@ -17,6 +18,7 @@ oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/login", auto_error=F
 
 
 async def get_principal(
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     token: Annotated[str | None, Depends(oauth2_scheme)],
@@ -25,6 +27,8 @@ async def get_principal(
         raise Unauthorized()
     principal = await access_principal_by_token(session, settings, token)
     user_id_var.set(str(principal.id))
+    limiter: RateLimiter = request.app.state.rate_limiter
+    await limiter.check(limiter.requests, "requests", principal.id.hex)
     return principal
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import AfterValidator
 
 from parley.auth.dependencies import CurrentUser
@@ -25,6 +25,7 @@ from parley.messages.schemas import (
     VersionList,
     check_storable,
 )
+from parley.ops.ratelimit import RateLimiter
 from parley.pagination import DEFAULT_PAGE, Cursor, Limit
 
 router = APIRouter(prefix=API_PREFIX, tags=["messages"])
@@ -41,7 +42,7 @@ Seq = Annotated[int | None, Query(ge=0, le=2**53)]
             "description": "A retry: the message first sent with this client_msg_id",
             "model": MessageOut,
         },
-        **error_responses(413),
+        **error_responses(413, 429),
     },
 )
 async def send_message(
@@ -51,7 +52,10 @@ async def send_message(
     session: SessionDep,
     settings: SettingsDep,
     response: Response,
+    request: Request,
 ) -> MessageOut:
+    limiter: RateLimiter = request.app.state.rate_limiter
+    await limiter.check(limiter.send, "send", principal.id.hex)
     message, created = await service.do_send_message(
         session, settings, principal, conversation_id, body
     )

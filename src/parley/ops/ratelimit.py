@@ -30,6 +30,8 @@ class RateLimiter:
         self._limiter = SlidingWindowCounterRateLimiter(storage)
         self.login = parse(settings.login_rate)
         self.register = parse(settings.register_rate)
+        self.send = parse(settings.send_rate)
+        self.requests = parse(settings.request_rate)
 
     async def aclose(self) -> None:
         """Close the Redis connections of the limiter's storage (nothing in memory)."""

@@ -25,7 +25,7 @@ from parley.auth.service import Principal, access_principal_by_token
 from parley.config import API_PREFIX, Settings
 from parley.conversations.service import access_membership
 from parley.db.session import Database
-from parley.errors import ParleyError, Unauthorized
+from parley.errors import ParleyError, RateLimited, Unauthorized
 from parley.messages import service as messages
 from parley.messages.schemas import MessageCreate
 from parley.models import Membership
@@ -322,6 +322,8 @@ class Gateway:
             return
         try:
             await self._dispatch(op)
+        except RateLimited as exc:
+            self._error(ref, exc.code, exc.detail, retry_after=exc.retry_after)
         except ParleyError as exc:
             self._error(ref, exc.code, exc.detail)
         except Exception:
@@ -369,6 +371,9 @@ class Gateway:
             conn.send(serialize(PongEvent(ref=op.ref)))
         elif isinstance(op, SendOp):
             conversation_id = self._conversation(op.conversation_id)
+            # The same per-user send limit as REST (§10): both count against one budget.
+            limiter = self.ws.app.state.rate_limiter
+            await limiter.check(limiter.send, "send", principal.id.hex)
             data = MessageCreate(
                 content=op.content,
                 client_msg_id=op.client_msg_id,
