@@ -1,8 +1,9 @@
 """The database handle and the request-scoped transaction.
 
 One transaction per request, owned by the dependency: it commits when the endpoint
-returns and rolls back when it raises. Callbacks registered with `after_commit` run only
-once the commit has succeeded, so an event for a rolled-back write cannot be published.
+returns and rolls back when it raises. Events emitted during the transaction (the
+outbox, parley.realtime.envelope.emit) are published only once the commit has succeeded,
+so an event for a rolled-back write cannot be published.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ from parley.realtime.envelope import drop_outbox, take_outbox
 
 log = structlog.get_logger("parley.db")
 
-AfterCommit = Callable[[], Awaitable[None]]
 Publisher = Callable[[list[Any]], Awaitable[None]]
-_AFTER_COMMIT_KEY = "parley_after_commit"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -47,7 +46,7 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self, *, write: bool = True) -> AsyncIterator[AsyncSession]:
-        """A unit of work: commit on success, roll back on error, then after-commit hooks."""
+        """A unit of work: commit on success, roll back on error, then publish its events."""
         maker = self._write if write else self._read
         async with maker() as session:
             try:
@@ -57,7 +56,6 @@ class Database:
                 await session.rollback()
                 drop_outbox(session)
                 raise
-        await run_after_commit(session)
         outbox = take_outbox(session)
         if outbox and self.publisher is not None:
             try:
@@ -71,26 +69,8 @@ class Database:
         await self.engine.dispose()
 
 
-def after_commit(session: AsyncSession, callback: AfterCommit) -> None:
-    session.info.setdefault(_AFTER_COMMIT_KEY, []).append(callback)
-
-
-async def run_after_commit(session: AsyncSession) -> None:
-    for callback in session.info.pop(_AFTER_COMMIT_KEY, []):
-        try:
-            await callback()
-        except Exception:
-            # The write is committed; a failing notification must not turn it into an error.
-            log.exception("after_commit_failed")
-
-
-def get_database(request: Request) -> Database:
-    db: Database = request.app.state.db
-    return db
-
-
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    db = get_database(request)
+    db: Database = request.app.state.db
     async with db.transaction(write=request.method not in _SAFE_METHODS) as session:
         yield session
 
@@ -98,4 +78,3 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 # scope="function": the commit happens when the endpoint returns, before the response is
 # sent, so a 2xx is only ever sent for a durable write (§9.1).
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
-DatabaseDep = Annotated[Database, Depends(get_database)]
