@@ -15,6 +15,8 @@ import orjson
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from parley.realtime.events import GapEvent
+
 _OUTBOX_KEY = "parley_outbox"
 
 
@@ -69,6 +71,11 @@ def user_channel(user_id: uuid.UUID) -> str:
 
 def serialize(event: BaseModel) -> bytes:
     return event.model_dump_json().encode()
+
+
+def gap_payload(conversation_id: uuid.UUID, from_seq: int, to_seq: int) -> bytes:
+    """The `gap` event that stands in for seqs a connection will not be sent."""
+    return serialize(GapEvent(conversation_id=conversation_id, from_seq=from_seq, to_seq=to_seq))
 
 
 def to_conversation(

@@ -38,7 +38,7 @@ from parley.realtime.connection import (
     WRITE_STALL,
     Connection,
 )
-from parley.realtime.envelope import serialize
+from parley.realtime.envelope import gap_payload, serialize
 from parley.realtime.events import (
     AckEvent,
     AuthOp,
@@ -58,7 +58,7 @@ from parley.realtime.events import (
     client_op_adapter,
 )
 from parley.realtime.handshake import access_principal_by_query, origin_allowed
-from parley.realtime.service import Realtime, TooManyConnections, gap_payload
+from parley.realtime.service import Realtime, TooManyConnections
 
 log = structlog.get_logger("parley.gateway")
 router = APIRouter(prefix=API_PREFIX, tags=["realtime"])

@@ -40,8 +40,14 @@ from parley.realtime.connection import (
     Connection,
     Frame,
 )
-from parley.realtime.envelope import Envelope, conversation_channel, serialize, user_channel
-from parley.realtime.events import ConversationDeletedEvent, GapEvent
+from parley.realtime.envelope import (
+    Envelope,
+    conversation_channel,
+    gap_payload,
+    serialize,
+    user_channel,
+)
+from parley.realtime.events import ConversationDeletedEvent
 from parley.realtime.replay import last_seqs, load_envelopes
 
 log = structlog.get_logger("parley.hub")
@@ -188,11 +194,11 @@ class Hub:
                 positions.append((stream, seq))
         return positions
 
-    def subscribe_connection(self, conn: Connection, conversation_id: uuid.UUID) -> Stream | None:
-        """The stream of a conversation `conn` already routes, for a resume."""
-        if conversation_id in self.member_of.get(conn.id, ()):
-            return self.streams.get(conversation_id)
-        return None
+    def routes(self, conn: Connection, conversation_id: uuid.UUID) -> bool:
+        """Whether the hub routes this conversation to `conn` (it is a member)."""
+        return conversation_id in self.member_of.get(conn.id, ()) and (
+            conversation_id in self.streams
+        )
 
     # -- broker input -------------------------------------------------------------------
 
@@ -363,7 +369,7 @@ class Hub:
 
     def _gap(self, stream: Stream, from_seq: int, to_seq: int) -> None:
         log.error("seq_gap", conversation_id=str(stream.id), from_seq=from_seq, to_seq=to_seq)
-        payload = serialize(GapEvent(conversation_id=stream.id, from_seq=from_seq, to_seq=to_seq))
+        payload = gap_payload(stream.id, from_seq, to_seq)
         for conn in list(stream.subscribers):
             conn.send(payload)
             conn.floor(stream.id, to_seq)

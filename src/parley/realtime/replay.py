@@ -16,8 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from parley.messages import repository as messages_repository
 from parley.messages.service import message_view
 from parley.models import Conversation, ConversationEvent, Message
-from parley.realtime.envelope import Envelope, to_conversation
-from parley.realtime.events import EventMessage, GapEvent, MemberEvent, MessageEvent
+from parley.realtime.envelope import Envelope, gap_payload, to_conversation
+from parley.realtime.events import EventMessage, MemberEvent, MessageEvent
 
 # §8: a resume sends at most this many events of one conversation; older ones are
 # announced with a `gap` and fetched by the client with changed_after.
@@ -28,7 +28,7 @@ RESUME_LIMIT = 1000
 class Replay:
     envelopes: list[Envelope]
     last_seq: int  # where the conversation stood when it was read
-    gap: Envelope | None = None
+    gap: bytes | None = None  # the `gap` event to send before the envelopes
 
 
 async def last_seqs(
@@ -167,11 +167,7 @@ async def load_resume(
     start = after
     if last - after > RESUME_LIMIT:
         start = last - RESUME_LIMIT
-        gap = to_conversation(
-            conversation_id,
-            GapEvent(conversation_id=conversation_id, from_seq=after + 1, to_seq=start),
-            type_="gap",
-        )
+        gap = gap_payload(conversation_id, after + 1, start)
     rows = await _load(session, conversation_id, after=start, upto=last)
     kept: list[Envelope] = []
     message_ids: list[uuid.UUID | None] = []

@@ -27,7 +27,6 @@ from parley.realtime.connection import Connection
 from parley.realtime.envelope import Envelope, conversation_channel, serialize, to_conversation
 from parley.realtime.events import (
     ConversationDeletedEvent,
-    GapEvent,
     PresenceEvent,
     ResumedEvent,
     TypingEvent,
@@ -190,7 +189,7 @@ class Realtime:
         for conversation_id, cursor in cursors.items():
             if conn.scope is not None and conversation_id != conn.scope:
                 continue
-            if self.hub.subscribe_connection(conn, conversation_id) is None:
+            if not self.hub.routes(conn, conversation_id):
                 await self._resume_outsider(conn, conversation_id, cursor)
                 continue
             conn.hold(conversation_id)
@@ -201,7 +200,7 @@ class Realtime:
                 async with self.db.transaction(write=False) as session:
                     replay = await load_resume(session, conversation_id, conn.user_id, cursor)
                 if replay.gap is not None:
-                    conn.send(replay.gap.payload)
+                    conn.send(replay.gap)
                 for envelope in replay.envelopes:
                     assert envelope.seq is not None
                     await conn.make_room()
@@ -293,10 +292,6 @@ class Realtime:
     ) -> list[uuid.UUID]:
         await access_membership(session, principal, conversation_id)
         return await self.typing.who(conversation_id)
-
-
-def gap_payload(conversation_id: uuid.UUID, from_seq: int, to_seq: int) -> bytes:
-    return serialize(GapEvent(conversation_id=conversation_id, from_seq=from_seq, to_seq=to_seq))
 
 
 def _dashed(cursors: dict[str, int]) -> dict[str, int]:
