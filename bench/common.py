@@ -268,7 +268,9 @@ class BenchUser:
         return {"Authorization": f"Bearer {self.token}"}
 
 
-async def register_users(base: str, count: int, prefix: str, *, concurrency: int = 16) -> list[BenchUser]:
+async def register_users(
+    base: str, count: int, prefix: str, *, concurrency: int = 16
+) -> list[BenchUser]:
     users: list[BenchUser | None] = [None] * count
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
@@ -285,6 +287,33 @@ async def register_users(base: str, count: int, prefix: str, *, concurrency: int
 
         await asyncio.gather(*(one(i) for i in range(count)))
     return [u for u in users if u is not None]
+
+
+async def create_groups(
+    base: str, plans: list[list[BenchUser]], name: str, *, concurrency: int = 8
+) -> list[str]:
+    """One group per plan, created by its first member with the others as members;
+    the ids in the order of `plans`."""
+    ids: list[str | None] = [None] * len(plans)
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+
+        async def create(n: int, members: list[BenchUser]) -> None:
+            async with sem:
+                resp = await client.post(
+                    "/api/v1/conversations",
+                    json={
+                        "kind": "group",
+                        "name": f"{name} {n}",
+                        "member_ids": [m.id for m in members[1:]],
+                    },
+                    headers=members[0].headers,
+                )
+                resp.raise_for_status()
+                ids[n] = resp.json()["id"]
+
+        await asyncio.gather(*(create(n, m) for n, m in enumerate(plans)))
+    return [i for i in ids if i is not None]
 
 
 # -- load-generator processes that keep state between steps ----------------------------

@@ -21,12 +21,12 @@ import time
 from collections import Counter
 from typing import Any
 
-import httpx
 import orjson
 
 from bench.common import (
     BenchUser,
     Workers,
+    create_groups,
     fresh_database,
     live_connections,
     progress,
@@ -142,26 +142,7 @@ async def make_groups(
         order = users[:]
         rng.shuffle(order)
         plans += [order[i : i + size] for i in range(0, len(order), size)]
-    ids: list[str] = []
-    sem = asyncio.Semaphore(8)
-    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-
-        async def create(n: int, members: list[BenchUser]) -> None:
-            async with sem:
-                resp = await client.post(
-                    "/api/v1/conversations",
-                    json={
-                        "kind": "group",
-                        "name": f"team {n}",
-                        "member_ids": [m.id for m in members[1:]],
-                    },
-                    headers=members[0].headers,
-                )
-                resp.raise_for_status()
-                ids.append(resp.json()["id"])
-
-        await asyncio.gather(*(create(n, m) for n, m in enumerate(plans)))
-    return ids
+    return await create_groups(base, plans, "team")
 
 
 def _shard(items: list[Any], count: int) -> list[list[Any]]:

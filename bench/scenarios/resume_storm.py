@@ -29,6 +29,7 @@ import orjson
 from bench.common import (
     BenchUser,
     Workers,
+    create_groups,
     fresh_database,
     live_connections,
     percentile,
@@ -251,26 +252,8 @@ async def cmd_storm(state: dict[str, Any], arg: dict[str, Any]) -> list[dict[str
 
 async def _groups(base: str, users: list[BenchUser]) -> list[tuple[str, list[BenchUser]]]:
     plans = [users[i : i + GROUP_SIZE] for i in range(0, len(users), GROUP_SIZE)]
-    out: list[tuple[str, list[BenchUser]] | None] = [None] * len(plans)
-    sem = asyncio.Semaphore(8)
-    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-
-        async def create(n: int, members: list[BenchUser]) -> None:
-            async with sem:
-                resp = await client.post(
-                    "/api/v1/conversations",
-                    json={
-                        "kind": "group",
-                        "name": f"storm {n}",
-                        "member_ids": [m.id for m in members[1:]],
-                    },
-                    headers=members[0].headers,
-                )
-                resp.raise_for_status()
-                out[n] = (resp.json()["id"], members)
-
-        await asyncio.gather(*(create(n, m) for n, m in enumerate(plans)))
-    return [g for g in out if g is not None]
+    ids = await create_groups(base, plans, "storm")
+    return list(zip(ids, plans, strict=True))
 
 
 async def _send(
