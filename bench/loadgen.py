@@ -73,7 +73,9 @@ async def _connection(
             payload = dict(body)
             payload["content"] = f"{body.get('content', 'm')} {n}"
             n += 1
-            request = _request(HttpTarget(target.port, path, target.token, []), orjson.dumps(payload))
+            request = _request(
+                HttpTarget(target.port, path, target.token, []), orjson.dumps(payload)
+            )
             writer.write(request)
             status = await _read_response(reader)
             done = time.perf_counter()

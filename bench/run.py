@@ -7,7 +7,6 @@ markdown table (latest.md) and PNG plots beside them.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import json
 import platform

@@ -24,8 +24,8 @@ import httpx
 
 from bench.common import (
     Database,
-    fresh_database,
     free_port,
+    fresh_database,
     percentile,
     progress,
     register_users,
@@ -41,7 +41,9 @@ PGBENCH_SCRIPT = (
 )
 
 
-async def _measure(targets: list[HttpTarget], seconds: float, warmup: float, server: Any) -> dict[str, Any]:
+async def _measure(
+    targets: list[HttpTarget], seconds: float, warmup: float, server: Any
+) -> dict[str, Any]:
     cpu_before = server.cpu_seconds()
     result = await http_closed_loop(targets, seconds=seconds, warmup=warmup)
     cpu = server.cpu_seconds() - cpu_before
@@ -171,8 +173,12 @@ def _summarize(runs: dict[str, list[dict[str, Any]]], pg_tps: list[float]) -> di
         "baseline_p50_ms": statistics.median(r["p50_ms"] for r in runs["bare"]),
         "baseline_p99_ms": statistics.median(r["p99_ms"] for r in runs["bare"]),
         "parley_cpu_s_per_1k": 1000
-        * statistics.median(r["server_cpu_s"] / max(r["per_s"] * r["wall_s"], 1) for r in runs["parley"]),
+        * statistics.median(
+            r["server_cpu_s"] / max(r["per_s"] * r["wall_s"], 1) for r in runs["parley"]
+        ),
         "baseline_cpu_s_per_1k": 1000
-        * statistics.median(r["server_cpu_s"] / max(r["per_s"] * r["wall_s"], 1) for r in runs["bare"]),
+        * statistics.median(
+            r["server_cpu_s"] / max(r["per_s"] * r["wall_s"], 1) for r in runs["bare"]
+        ),
         "errors": sum(r["errors"] for rs in runs.values() for r in rs),
     }
