@@ -1,4 +1,7 @@
-"""Application-wide dependencies: settings and shared services held on `app.state`."""
+"""Application-wide dependencies: settings and shared services held on `app.state`.
+
+They are `async def` on purpose: FastAPI runs a plain `def` dependency in its thread
+pool, a thread hop (and a GIL hand-off) on every request for a mere attribute read."""
 
 from __future__ import annotations
 
@@ -10,12 +13,12 @@ from parley.auth.security import PasswordHasher
 from parley.config import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_hasher(request: Request) -> PasswordHasher:
+async def get_hasher(request: Request) -> PasswordHasher:
     hasher: PasswordHasher = request.app.state.hasher
     return hasher
 

@@ -28,7 +28,7 @@ from parley.users.schemas import MeOut
 router = APIRouter(prefix=f"{API_PREFIX}/auth", tags=["auth"])
 
 
-def get_rate_limiter(request: Request) -> RateLimiter:
+async def get_rate_limiter(request: Request) -> RateLimiter:
     limiter: RateLimiter = request.app.state.rate_limiter
     return limiter
 
