@@ -405,21 +405,21 @@ class WS:
         await self.ws.close()
 
 
-LiveFactory = Callable[[FastAPI], Awaitable[LiveServer]]
+LiveFactory = Callable[..., Awaitable[LiveServer]]
 
 
 @pytest.fixture
 async def live_factory() -> AsyncIterator[LiveFactory]:
     servers: list[tuple[Any, asyncio.Task[None]]] = []
 
-    async def start(app: FastAPI) -> LiveServer:
+    async def start(app: FastAPI, **overrides: Any) -> LiveServer:
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
             port=0,
             lifespan="off",
             log_level="warning",
-            **uvicorn_options(app.state.settings),
+            **{**uvicorn_options(app.state.settings), **overrides},
         )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())

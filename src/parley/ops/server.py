@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from parley.config import Settings
+from parley.ops.wsproto import ParleyWebSocketProtocol
 
 WS_MAX_FRAME = 65_536  # §8: frames are at most 64 KiB; larger ones close with 1009
 WS_PING_INTERVAL = 25.0  # §8: a ping every 25 s …
@@ -21,7 +22,8 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "ws_max_size": WS_MAX_FRAME,
         "ws_ping_interval": WS_PING_INTERVAL,
         "ws_ping_timeout": WS_PING_TIMEOUT,
-        "ws": "websockets-sansio",
+        # uvicorn's websockets-sansio, plus writing a fan-out frame straight to the socket.
+        "ws": ParleyWebSocketProtocol,
         "proxy_headers": True,
         "forwarded_allow_ips": settings.forwarded_allow_ips,
         "timeout_graceful_shutdown": 10,

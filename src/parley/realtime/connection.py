@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from parley.ops.metrics import QUEUE_DROPS
@@ -45,6 +46,9 @@ class Frame:
     # The payload as text, decoded once by the hub and shared by every connection the
     # event goes to (WebSocket text frames and SSE data are str).
     text: str | None = None
+    # The payload as an encoded WebSocket frame, likewise built once and shared
+    # (parley.ops.wsproto).
+    wire: bytes | None = None
 
     @property
     def data(self) -> str:
@@ -118,6 +122,10 @@ class Connection:
     # anyway), and the hub's sweep closes one blocked too long (§9.6).
     writer: asyncio.Task[None] | None = None
     writing_since: float | None = None
+    # Set by a transport that can write a frame at once when the socket takes it
+    # (parley.ops.wsproto): then a frame skips the queue and the writer task, unless
+    # frames wait there already (they go first). Answers whether it wrote.
+    direct: Callable[[Frame], bool] | None = None
 
     def __post_init__(self) -> None:
         self.queue = FrameQueue(self.queue_limit)
@@ -186,6 +194,11 @@ class Connection:
         if not self.closed:
             self._put(Frame(payload, text=text))
 
+    def send_frame(self, frame: Frame) -> None:
+        """send() for an ephemeral frame built once and shared by several connections."""
+        if not self.closed:
+            self._put(frame)
+
     def floor(self, conversation_id: uuid.UUID, seq: int) -> None:
         """Nothing at or below `seq` of this conversation is to be sent."""
         if seq > self.sent.get(conversation_id, 0):
@@ -214,6 +227,14 @@ class Connection:
             self.writer.cancel()
 
     def _put(self, frame: Frame) -> None:
+        direct = self.direct
+        if (
+            direct is not None
+            and self.writing_since is None
+            and self.queue.empty()
+            and direct(frame)
+        ):
+            return
         try:
             self.queue.put_nowait(frame)
         except asyncio.QueueFull:

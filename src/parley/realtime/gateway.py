@@ -11,6 +11,7 @@ import contextlib
 import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -29,6 +30,7 @@ from parley.errors import ParleyError, RateLimited, Unauthorized
 from parley.messages import service as messages
 from parley.messages.schemas import MessageCreate
 from parley.models import Membership
+from parley.ops.wsproto import FRAMES_EXTENSION, encode_text_frame
 from parley.realtime.connection import (
     CLOSE_FORBIDDEN,
     CLOSE_INTERNAL,
@@ -37,6 +39,7 @@ from parley.realtime.connection import (
     CLOSE_UNAUTHORIZED,
     WRITE_STALL,
     Connection,
+    Frame,
 )
 from parley.realtime.envelope import gap_payload, serialize
 from parley.realtime.events import (
@@ -123,6 +126,7 @@ class Gateway:
         self.realtime: Realtime = state.realtime
         self.principal: Principal | None = None
         self.conn: Connection | None = None
+        self._write_frame: Callable[[bytes], bool] | None = None
         self.bucket = TokenBucket(OP_RATE, OP_BURST)
         self.rate_limited = self.settings.rate_limits == "on"
         self.strikes = 0.0
@@ -213,6 +217,11 @@ class Gateway:
         except TimeoutError:
             conn.close(CLOSE_TOO_SLOW, "too slow: reconnect and resume")
             return
+        frames = self.ws.scope.get("extensions", {}).get(FRAMES_EXTENSION)
+        if frames is not None:
+            # From here on (ready and backlog are out) events may skip the queue.
+            self._write_frame = frames["write"]
+            conn.direct = self._write_direct
         writer = asyncio.create_task(self._write())
         reader = asyncio.create_task(self._read())
         try:
@@ -255,17 +264,33 @@ class Gateway:
         finally:
             conn.release(conversation_id)
 
+    def _write_direct(self, frame: Frame) -> bool:
+        """Write a frame to the socket at once if it takes it (parley.ops.wsproto)."""
+        wire = frame.wire
+        if wire is None:
+            wire = frame.wire = encode_text_frame(frame.payload)
+        assert self._write_frame is not None
+        if not self._write_frame(wire):
+            return False
+        if frame.type == "message.created" and frame.conversation_id and frame.seq:
+            assert self.conn is not None
+            self.realtime.hub.mark_delivered(self.conn, frame.conversation_id, frame.seq)
+        return True
+
     async def _write(self) -> None:
         conn = self.conn
         assert conn is not None
         hub = self.realtime.hub
         queue = conn.queue
         send = self.ws.send_text
+        direct = conn.direct
         conn.writer = asyncio.current_task()
         while True:
             frame = queue.get_nowait() if not queue.empty() else await queue.get()
             if frame is None:
                 return
+            if direct is not None and direct(frame):
+                continue
             # The hub's sweep (and a queue overflow) close a writer blocked here too long.
             conn.writing_since = time.monotonic()
             await send(frame.data)

@@ -273,11 +273,11 @@ class Hub:
         if envelope.type == "conversation.deleted":
             self._deleted(stream, envelope.payload)
             return
-        text = envelope.payload.decode()
+        frame = Frame(envelope.payload, text=envelope.payload.decode())
         for conn in list(stream.subscribers):
             if envelope.type == "typing" and conn.user_id == envelope.subject:
                 continue  # one's own typing is no news
-            conn.send(envelope.payload, text)
+            conn.send_frame(frame)
         EVENTS_FANNED_OUT.labels("ephemeral").inc(len(stream.subscribers))
 
     def _drain(self, stream: Stream) -> None:
