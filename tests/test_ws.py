@@ -159,6 +159,21 @@ async def test_origin_not_allowed_is_refused_before_accept(live: LiveServer, ali
     await ok.ready()
 
 
+@pytest.mark.parametrize(
+    "path", ["/ws/conversations/not-a-uuid", "/ws/elsewhere", "/conversations"]
+)
+async def test_a_websocket_to_no_gateway_path_is_refused(
+    live: LiveServer, alice: User, path: str
+) -> None:
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        await live.connect(alice, path)
+    assert refused.value.response.status_code == 403
+    # The gateway's own paths still answer, root and one-conversation alike.
+    ok = await live.connect(alice)
+    await ok.ready()
+    await ok.close()
+
+
 async def raw(live: LiveServer, **params: str) -> WS:
     return WS(await websockets.asyncio.client.connect(live.ws_url(**params)))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
+from starlette.types import Receive, Scope, Send
 
 from parley import __version__
 from parley.auth.endpoints import router as auth_router
@@ -29,6 +30,7 @@ from parley.ops.ratelimit import RateLimiter
 from parley.ops.shutdown import install_drain
 from parley.realtime.endpoints import router as realtime_router
 from parley.realtime.gateway import router as gateway_router
+from parley.realtime.gateway import serve_websocket
 from parley.realtime.service import Realtime
 from parley.realtime.sse import router as sse_router
 from parley.users.endpoints import admin_router
@@ -37,12 +39,23 @@ from parley.users.endpoints import router as users_router
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
 
+class ParleyApp(FastAPI):
+    """FastAPI, with the real-time gateway's WebSockets taken before the HTTP stack
+    (parley.realtime.gateway.serve_websocket): a long-lived socket keeps no middleware
+    frames alive."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and await serve_websocket(self, scope, receive, send):
+            return
+        await super().__call__(scope, receive, send)
+
+
 def process_name() -> str:
     """How /admin/stats names this process among many."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> ParleyApp:
     settings = settings or Settings()
     configure_logging(settings.effective_log_format, settings.log_level)
 
@@ -68,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.db.dispose()
 
     docs_on = settings.docs == "on"
-    app = FastAPI(
+    app = ParleyApp(
         title="Parley",
         version=__version__,
         summary="Self-hostable real-time chat backend",

@@ -6,22 +6,18 @@ through untouched and no extra task is spawned per request.
 
 from __future__ import annotations
 
-import re
 import time
-import uuid
 
 import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parley.errors import problem_response
-from parley.ops.context import request_id_var, user_id_var
+from parley.ops.context import start_request
 from parley.ops.metrics import observe_request
 
 access_log = structlog.get_logger("parley.access")
 
-# A client's own request id is kept when it looks like an id, not arbitrary text.
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # JSON bodies of this API are small; uploads (multipart) have their own, larger limit.
 MAX_JSON_BODY_BYTES = 1_048_576
 
@@ -40,10 +36,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
-        request_id_var.set(request_id)
-        user_id_var.set(None)
+        request_id = start_request(headers)
         if scope["type"] == "websocket":
             await self.app(scope, receive, send)
             return

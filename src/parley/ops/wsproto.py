@@ -40,6 +40,13 @@ class ParleyWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.response.status_code == 101 and not self.conn.extensions:
             self.scope["extensions"][FRAMES_EXTENSION] = {"write": self.write_frame}
 
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.accept" and self.handshake_complete:
+            # The parsed handshake (request and response headers) is of no further use,
+            # and would otherwise stay alive as long as the socket (~2 KiB).
+            self.request = self.response = None  # type: ignore[assignment]
+
     def write_frame(self, frame: bytes) -> bool:
         """Write an encoded frame if the socket takes it at once; whether it did."""
         if (

@@ -57,28 +57,34 @@ class Frame:
 
 class FrameQueue:
     """A bounded FIFO with one consumer, much cheaper than asyncio.Queue on the fan-out
-    path (no unfinished-task bookkeeping, at most one waiter to wake)."""
+    path (no unfinished-task bookkeeping, at most one waiter to wake).
+
+    Its deque (760 bytes even when empty) is made on first use: most connections never
+    queue a frame, because their socket takes every frame at once (Connection.direct)."""
 
     __slots__ = ("_items", "_waiter", "maxsize")
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
-        self._items: deque[Frame | None] = deque()
+        self._items: deque[Frame | None] | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     def qsize(self) -> int:
-        return len(self._items)
+        return len(self._items) if self._items else 0
 
     def empty(self) -> bool:
         return not self._items
 
     def full(self) -> bool:
-        return len(self._items) >= self.maxsize
+        return self.qsize() >= self.maxsize
 
     def put_nowait(self, item: Frame | None) -> None:
-        if item is not None and len(self._items) >= self.maxsize:
+        items = self._items
+        if items is None:
+            items = self._items = deque()
+        if item is not None and len(items) >= self.maxsize:
             raise asyncio.QueueFull
-        self._items.append(item)
+        items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

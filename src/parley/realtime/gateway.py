@@ -20,6 +20,7 @@ from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from parley.auth.service import Principal, access_principal_by_token
@@ -30,6 +31,7 @@ from parley.errors import ParleyError, RateLimited, Unauthorized
 from parley.messages import service as messages
 from parley.messages.schemas import MessageCreate
 from parley.models import Membership
+from parley.ops.context import start_request
 from parley.ops.wsproto import FRAMES_EXTENSION, encode_text_frame
 from parley.realtime.connection import (
     CLOSE_FORBIDDEN,
@@ -116,7 +118,52 @@ async def websocket_one(websocket: WebSocket, conversation_id: uuid.UUID) -> Non
     await Gateway(websocket, scope=conversation_id).run()
 
 
+_ONE_PREFIX = f"{API_PREFIX}/ws/conversations/"
+
+
+async def serve_websocket(app: Any, scope: Scope, receive: Receive, send: Send) -> bool:
+    """Serve a gateway WebSocket straight from the ASGI call; False if the path is not one.
+
+    The routes above serve the same sockets through the whole HTTP stack (middleware,
+    exception handlers, dependency solving), whose frames and exit stacks then stay
+    alive as long as the socket: about 10 KiB per idle connection. ParleyApp calls this
+    first, so a socket costs only what it uses."""
+    path = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    if path == f"{API_PREFIX}/ws":
+        conversation_id = None
+    elif path.startswith(_ONE_PREFIX):
+        try:
+            conversation_id = uuid.UUID(path[len(_ONE_PREFIX) :])
+        except ValueError:
+            return False  # the routes answer it (the handshake is refused)
+    else:
+        return False
+    scope["app"] = app
+    start_request(dict(scope.get("headers") or []))
+    await Gateway(WebSocket(scope, receive, send), scope=conversation_id).run()
+    return True
+
+
 class Gateway:
+    # Slots: one Gateway lives as long as its socket.
+    __slots__ = (
+        "_write_frame",
+        "bucket",
+        "conn",
+        "db",
+        "principal",
+        "rate_limited",
+        "realtime",
+        "scope",
+        "settings",
+        "strikes",
+        "struck_at",
+        "ws",
+    )
+
     def __init__(self, websocket: WebSocket, *, scope: uuid.UUID | None) -> None:
         self.ws = websocket
         self.scope = scope
