@@ -1,7 +1,8 @@
 """The WebSocket transports (§8): authenticate, parse, clamp, delegate.
 
-Each connection has two halves: this reader, which parses one op at a time and calls
-the same services REST uses, and a writer that drains the connection's bounded queue.
+Each connection has two halves: a reader, which parses one op at a time and calls the
+same services REST uses, and a writer that drains the connection's bounded queue when
+frames cannot go straight to the socket.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 import structlog
@@ -224,7 +226,8 @@ class Gateway:
             await self._close(conn.close_code or 1000, conn.close_reason)
 
     async def _authenticate(self) -> Principal:
-        params = self.ws.query_params
+        # Parsed here rather than through ws.query_params, which the socket would keep.
+        params = dict(parse_qsl(self.ws.scope["query_string"].decode("latin-1")))
         principal = await access_principal_by_query(
             self.db, self.settings, ticket=params.get("ticket"), token=params.get("token")
         )
@@ -269,15 +272,18 @@ class Gateway:
             # From here on (ready and backlog are out) events may skip the queue.
             self._write_frame = frames["write"]
             conn.direct = self._write_direct
-        writer = asyncio.create_task(self._write())
+        # The writer runs in this task and the reader in one of its own: one task per
+        # socket fewer than a task each (memory per idle socket, §11). Whichever half
+        # ends first ends the other: a close wakes the writer, and the reader's end
+        # (the client left) is passed on to it the same way.
         reader = asyncio.create_task(self._read())
+        reader.add_done_callback(lambda _: conn.queue.put_nowait(None))
         try:
-            await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            await self._write()
         finally:
-            for task in (reader, writer):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
 
     async def _send_now(self, payload: bytes) -> None:
         """Write one frame before the writer runs (ready, backlog), bounded in time."""
@@ -340,7 +346,16 @@ class Gateway:
                 continue
             # The hub's sweep (and a queue overflow) close a writer blocked here too long.
             conn.writing_since = time.monotonic()
-            await send(frame.data)
+            try:
+                await send(frame.data)
+            except asyncio.CancelledError:
+                # Connection.close() cancels a writer stuck on a socket that takes
+                # nothing; the connection then ends as any closed one does.
+                task = asyncio.current_task()
+                if conn.closed and task is not None:
+                    task.uncancel()
+                    return
+                raise
             conn.writing_since = None
             if frame.type == "message.created" and frame.conversation_id and frame.seq:
                 hub.mark_delivered(conn, frame.conversation_id, frame.seq)
