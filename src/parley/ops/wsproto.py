@@ -21,7 +21,7 @@ from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
-from websockets.protocol import State
+from websockets.protocol import Protocol, State
 
 FRAMES_EXTENSION = "parley.websocket.frames"
 
@@ -112,6 +112,15 @@ class ParleyWebSocketProtocol(WebSocketsSansIOProtocol):
         # would change the bytes of a frame, so such a socket gets no shortcut.
         if self.response.status_code == 101 and not self.conn.extensions:
             self.scope["extensions"][FRAMES_EXTENSION] = {"write": self.write_frame}
+        if self.response.status_code == 101 and not self.conn.reader.buffer:
+            # The handshake request stays alive as a local of the handshake parser
+            # (ServerProtocol.parse goes on to parse frames in the same generator): about
+            # 2.5 KiB of headers for the socket's whole life. A client sends nothing
+            # before the 101 (RFC 6455 §4.1), so the parser waits at the start of a
+            # frame; a fresh frame parser is the same state without the request.
+            parser = Protocol.parse(self.conn)
+            next(parser)
+            self.conn.parser = parser
 
     async def send(self, message: Any) -> None:
         await super().send(message)
