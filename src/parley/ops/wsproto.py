@@ -31,6 +31,16 @@ def encode_text_frame(payload: bytes) -> bytes:
     return Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
 
 
+async def _wait(waiters: list[asyncio.Future[None]]) -> None:
+    """Wait to be woken through `waiters` (a list: no deque per socket)."""
+    waiter = asyncio.get_running_loop().create_future()
+    waiters.append(waiter)
+    try:
+        await waiter
+    finally:
+        waiters.remove(waiter)
+
+
 class _Inbox:
     """The part of asyncio.Queue the protocol uses (put_nowait, get, empty).
 
@@ -55,12 +65,7 @@ class _Inbox:
 
     async def get(self) -> Any:
         while not self._items:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                self._waiters.remove(waiter)
+            await _wait(self._waiters)
         return self._items.pop(0)
 
 
@@ -86,14 +91,8 @@ class _Flag:
         self._set = False
 
     async def wait(self) -> bool:
-        if self._set:
-            return True
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            self._waiters.remove(waiter)
+        if not self._set:
+            await _wait(self._waiters)
         return True
 
 
