@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
@@ -21,6 +22,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from parley.db.base import utcnow
 from parley.models import Conversation, Membership, Mention, Message, MessageVersion, ReadMark, User
@@ -197,25 +199,43 @@ async def others_markers(
     return row[0], row[1], row[2]
 
 
-# One round trip for the common send on PostgreSQL: check membership, take the next seq
-# (the row lock orders concurrent senders), insert the message and its event-log row,
-# and move the sender's read marker. A client_msg_id that already exists inserts nothing
-# and returns inserted = NULL; the caller rolls its savepoint back so no seq is lost.
+# One round trip for the common send on PostgreSQL: check membership, lock the
+# conversation (which orders concurrent senders), insert the message at the next seq
+# with its event-log row, take that seq, move the sender's read marker, and tell what
+# the sender's view of the message needs.
+#
+# The seq is taken only once the message row is in: a client_msg_id that already exists
+# (committed, or by a twin this statement waited for at the lock) inserts nothing and
+# takes nothing, so no seq is ever lost and no savepoint is needed.
+#
+# The lock is the one an UPDATE of the row would take (NO KEY: inserts elsewhere that
+# merely reference the conversation are not held up), and, having waited for it, the
+# statement sees the newest row. The membership check and the others' markers, though,
+# come from the snapshot taken before that wait. `settled` says no other writer took a
+# seq in between (every change of membership takes one), so the snapshot still holds;
+# when it is false the caller reads them again.
 SEND_PG = text(
     """
-WITH conv AS (
-    UPDATE conversations
-    SET last_seq = last_seq + 1, last_activity_at = :now, updated_at = :now
+WITH prior AS (
+    SELECT last_seq FROM conversations WHERE id = :cid
+), conv AS (
+    SELECT last_seq, kind FROM conversations
     WHERE id = :cid AND deleted_at IS NULL
       AND EXISTS (SELECT 1 FROM memberships WHERE conversation_id = :cid AND user_id = :uid)
-    RETURNING last_seq
+    FOR NO KEY UPDATE
 ), msg AS (
     INSERT INTO messages
         (id, conversation_id, seq, updated_seq, sender_id, content, client_msg_id,
          reply_to_id, created_at)
-    SELECT :mid, :cid, last_seq, last_seq, :uid, :content, :cmid, :reply, :now FROM conv
+    SELECT :mid, :cid, last_seq + 1, last_seq + 1, :uid, :content, :cmid, :reply, :now
+    FROM conv
     ON CONFLICT (conversation_id, sender_id, client_msg_id) DO NOTHING
     RETURNING seq
+), taken AS (
+    UPDATE conversations
+    SET last_seq = msg.seq, last_activity_at = :now, updated_at = :now
+    FROM msg
+    WHERE id = :cid
 ), event AS (
     INSERT INTO conversation_events (conversation_id, seq, type, message_id, actor_id, created_at)
     SELECT :cid, seq, 'message.created', :mid, :uid, :now FROM msg
@@ -230,14 +250,33 @@ WITH conv AS (
     INSERT INTO read_marks (conversation_id, user_id, seq, read_at)
     SELECT :cid, :uid, seq, :now FROM marker
 )
-SELECT conv.last_seq, (SELECT seq FROM msg) AS inserted FROM conv
+SELECT (SELECT seq FROM msg) AS seq, conv.kind,
+       conv.last_seq = (SELECT last_seq FROM prior) AS settled,
+       others.min_read, others.min_delivered
+FROM conv LEFT JOIN LATERAL (
+    -- Only direct and group conversations show a status; a room may be large.
+    SELECT min(last_read_seq) AS min_read, min(delivered_seq) AS min_delivered
+    FROM memberships
+    WHERE conversation_id = :cid AND user_id <> :uid AND conv.kind <> 'room'
+) others ON true
 """
 )
 
 
-async def insert_message_pg(session: AsyncSession, message: Message) -> tuple[int | None, bool]:
-    """Run SEND_PG for a message not yet in the session (its seq is what it returns):
-    (seq taken, or None when not a member / no such conversation; inserted?)."""
+@dataclass(frozen=True, slots=True)
+class SentPg:
+    """What SEND_PG answers for a sender who is a member of a live conversation."""
+
+    seq: int | None  # None: the client_msg_id is known, nothing was stored
+    kind: str
+    settled: bool
+    others_min_read: int | None
+    others_min_delivered: int | None
+
+
+async def insert_message_pg(session: AsyncSession, message: Message) -> SentPg | None:
+    """Run SEND_PG for a message not yet in the session (its seq is what it returns);
+    None when the sender is not a member or there is no such conversation."""
     row = (
         await session.execute(
             SEND_PG,
@@ -253,8 +292,37 @@ async def insert_message_pg(session: AsyncSession, message: Message) -> tuple[in
         )
     ).one_or_none()
     if row is None:
-        return None, False
-    return row[0], row[1] is not None
+        return None
+    return SentPg(row[0], row[1], row[2], row[3], row[4])
+
+
+async def sender_state(
+    session: AsyncSession, conversation_id: uuid.UUID, user_id: uuid.UUID
+) -> tuple[bool, str, int | None, int | None] | None:
+    """Whether the user is a member of the live conversation, its kind, and the lowest
+    read and delivered markers among the other members; None when it does not exist."""
+    others = and_(Membership.conversation_id == Conversation.id, Membership.user_id != user_id)
+    own = aliased(Membership)
+    member = (
+        select(own.user_id)
+        .where(own.conversation_id == Conversation.id, own.user_id == user_id)
+        .exists()
+    )
+    stmt = (
+        select(
+            member,
+            Conversation.kind,
+            func.min(Membership.last_read_seq),
+            func.min(Membership.delivered_seq),
+        )
+        .outerjoin(Membership, others)
+        .where(Conversation.id == conversation_id, Conversation.deleted_at.is_(None))
+        .group_by(Conversation.id, Conversation.kind)
+    )
+    row = (await session.execute(stmt)).one_or_none()
+    if row is None:
+        return None
+    return row[0], row[1], row[2], row[3]
 
 
 async def insert_mentions(

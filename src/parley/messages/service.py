@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -43,6 +44,8 @@ from parley.realtime.envelope import emit, to_conversation, to_user
 from parley.realtime.events import EventMessage, MessageEvent, MessageEventType, ReadEvent
 
 M = TypeVar("M", bound=MessageOut)
+# The lowest read and delivered markers among the other members (None when there are none).
+Markers = tuple[int | None, int | None]
 
 # `@name` where name is a username; the lookbehind keeps e-mail addresses out. The token
 # runs to the first character no username has, so "@bobby" never mentions "bob".
@@ -63,7 +66,7 @@ class MessageNotFound(NotFound):
 class _Duplicate(Exception):
     """Raised inside the send savepoint when a retry finds the original after the lock."""
 
-    def __init__(self, message: Message | None) -> None:
+    def __init__(self, message: Message) -> None:
         self.message = message
 
 
@@ -108,6 +111,18 @@ async def access_message(
 # -- writes -----------------------------------------------------------------------------
 
 
+def check_send(settings: Settings, data: MessageCreate) -> None:
+    check_content(settings, data.content)
+    if data.attachment_ids:
+        raise invalid_field(
+            "attachment_ids", "not supported yet", detail="File attachments are not available yet"
+        )
+
+
+def _sends_in_one_statement(session: AsyncSession, data: MessageCreate) -> bool:
+    return data.reply_to_id is None and session.get_bind().dialect.name == "postgresql"
+
+
 async def do_send_message(
     session: AsyncSession,
     settings: Settings,
@@ -117,13 +132,42 @@ async def do_send_message(
 ) -> tuple[Message, bool]:
     """Store a message; (message, created). A retry with a known client_msg_id returns the
     original with created=False."""
-    check_content(settings, data.content)
-    if data.attachment_ids:
-        raise invalid_field(
-            "attachment_ids", "not supported yet", detail="File attachments are not available yet"
-        )
-    if data.reply_to_id is None and session.get_bind().dialect.name == "postgresql":
-        return await _send_pg(session, principal, conversation_id, data)
+    check_send(settings, data)
+    if _sends_in_one_statement(session, data):
+        message, created, _ = await _send_pg(session, principal, conversation_id, data)
+        return message, created
+    return await _send_portable(session, principal, conversation_id, data)
+
+
+async def do_send_message_view(
+    session: AsyncSession,
+    settings: Settings,
+    principal: Principal,
+    conversation_id: uuid.UUID,
+    data: MessageCreate,
+) -> tuple[MessageOut, bool]:
+    """do_send_message, and the message as its sender sees it (what build_views gives).
+
+    The common send on PostgreSQL learns all its view needs from its one statement, so
+    it makes none of build_views' queries."""
+    check_send(settings, data)
+    if _sends_in_one_statement(session, data):
+        message, created, sent = await _send_pg(session, principal, conversation_id, data)
+        if sent is not None:
+            status = None if sent.kind == "room" else message_status(message.seq, sent.markers)
+            mentions = sent.mentions
+            if len(mentions) > 1:
+                # The order a later read of the message gives.
+                mentions = (await repository.mentions_of(session, [message.id]))[message.id]
+            return message_view(message, principal.user, mentions, status), created
+    else:
+        message, created = await _send_portable(session, principal, conversation_id, data)
+    return (await build_views(session, principal, [message]))[0], created
+
+
+async def _send_portable(
+    session: AsyncSession, principal: Principal, conversation_id: uuid.UUID, data: MessageCreate
+) -> tuple[Message, bool]:
     await access_membership(session, principal, conversation_id)
     if data.client_msg_id is not None:
         existing = await repository.find_by_client_id(
@@ -143,7 +187,6 @@ async def do_send_message(
         async with session.begin_nested():
             message = await _insert_message_txn(session, principal, conversation_id, data)
     except _Duplicate as dup:
-        assert dup.message is not None
         return dup.message, False
     except IntegrityError:
         # The unique (conversation, sender, client_msg_id) index caught a concurrent twin
@@ -159,18 +202,21 @@ async def do_send_message(
     return message, True
 
 
+@dataclass(frozen=True, slots=True)
+class _SentState:
+    """What the sender's view of a message just created needs beyond the row itself."""
+
+    kind: str
+    markers: Markers
+    mentions: list[uuid.UUID]
+
+
 async def _send_pg(
     session: AsyncSession, principal: Principal, conversation_id: uuid.UUID, data: MessageCreate
-) -> tuple[Message, bool]:
-    """The common send in one statement (repository.SEND_PG): what the portable path below
-    does in seven round trips. Same checks, same rows, same events."""
-    if data.client_msg_id is not None:
-        existing = await repository.find_by_client_id(
-            session, conversation_id, principal.id, data.client_msg_id
-        )
-        if existing is not None:
-            await access_membership(session, principal, conversation_id)
-            return existing, False
+) -> tuple[Message, bool, _SentState | None]:
+    """The common send in one statement (repository.SEND_PG): what the portable path above
+    does in seven round trips. Same checks, same rows, same events. The state is None
+    for a retry that found the original."""
     message = Message(
         id=uuid.uuid4(),
         conversation_id=conversation_id,
@@ -182,31 +228,33 @@ async def _send_pg(
         edited_at=None,
         deleted_at=None,
     )
-    if data.client_msg_id is None:
-        seq, inserted = await repository.insert_message_pg(session, message)
-    else:
-        # A concurrent twin may win the unique index after our check: the statement then
-        # inserts nothing, and the savepoint gives the seq it took back.
-        try:
-            async with session.begin_nested():
-                seq, inserted = await repository.insert_message_pg(session, message)
-                if seq is not None and not inserted:
-                    raise _Duplicate(None)
-        except _Duplicate:
-            existing = await repository.find_by_client_id(
-                session, conversation_id, principal.id, data.client_msg_id
-            )
-            assert existing is not None
-            return existing, False
-    if seq is None:
+    sent = await repository.insert_message_pg(session, message)
+    if sent is None:
         raise ConversationNotFound()
-    message.seq = message.updated_seq = seq
+    kind, markers = sent.kind, (sent.others_min_read, sent.others_min_delivered)
+    if not sent.settled:
+        # Another writer took a seq while this send waited for the conversation's lock,
+        # so the membership the statement checked may have changed since: read it again.
+        # Raising rolls the whole send back, seq included.
+        state = await repository.sender_state(session, conversation_id, principal.id)
+        if state is None or not state[0]:
+            raise ConversationNotFound()
+        _, kind, min_read, min_delivered = state
+        markers = (min_read, min_delivered)
+    if sent.seq is None:
+        assert data.client_msg_id is not None
+        existing = await repository.find_by_client_id(
+            session, conversation_id, principal.id, data.client_msg_id
+        )
+        assert existing is not None
+        return existing, False, None
+    message.seq = message.updated_seq = sent.seq
     mentioned: list[uuid.UUID] = []
     if "@" in data.content:
         mentioned = await _mentioned_members(session, conversation_id, principal.id, data.content)
         await repository.insert_mentions(session, message, mentioned)
     notify_message(session, "message.created", message, principal.user, mentioned)
-    return message, True
+    return message, True, _SentState(kind, markers, mentioned)
 
 
 async def _insert_message_txn(
@@ -402,6 +450,16 @@ def notify_message(
 # -- reads ------------------------------------------------------------------------------
 
 
+def message_status(seq: int, markers: Markers) -> Status:
+    """The sender's status of a message in a direct or group conversation (§6)."""
+    min_read, min_delivered = markers
+    if min_read is None or min_read >= seq:
+        return "read"  # also when no one else is left to read it
+    if min_delivered is not None and min_delivered >= seq:
+        return "delivered"
+    return "sent"
+
+
 async def build_views(
     session: AsyncSession, principal: Principal, messages: Sequence[Message]
 ) -> list[MessageOut]:
@@ -417,7 +475,7 @@ async def build_views(
     mentions = await repository.mentions_of(
         session, [m.id for m in messages if m.deleted_at is None and "@" in m.content]
     )
-    markers: dict[uuid.UUID, tuple[int | None, int | None]] = {}
+    markers: dict[uuid.UUID, Markers] = {}
     for conversation_id in {m.conversation_id for m in messages if m.sender_id == principal.id}:
         kind, min_read, min_delivered = await repository.others_markers(
             session, conversation_id, principal.id
@@ -428,13 +486,7 @@ async def build_views(
     for message in messages:
         status: Status | None = None
         if message.sender_id == principal.id and message.conversation_id in markers:
-            min_read, min_delivered = markers[message.conversation_id]
-            if min_read is None or min_read >= message.seq:
-                status = "read"
-            elif min_delivered is not None and min_delivered >= message.seq:
-                status = "delivered"
-            else:
-                status = "sent"
+            status = message_status(message.seq, markers[message.conversation_id])
         views.append(
             message_view(message, users[message.sender_id], mentions.get(message.id, []), status)
         )

@@ -468,10 +468,9 @@ class Gateway:
                 attachment_ids=op.attachment_ids,
             )
             async with self.db.transaction() as session:
-                message, _ = await messages.do_send_message(
+                view, _ = await messages.do_send_message_view(
                     session, self.settings, principal, conversation_id, data
                 )
-                view = (await messages.build_views(session, principal, [message]))[0]
             conn.send(serialize(AckEvent(ref=op.ref, message=view)))
         elif isinstance(op, EditOp):
             async with self.db.transaction() as session:
