@@ -12,6 +12,7 @@ from sqlalchemy import (
     CursorResult,
     Select,
     and_,
+    bindparam,
     delete,
     func,
     insert,
@@ -296,30 +297,38 @@ async def insert_message_pg(session: AsyncSession, message: Message) -> SentPg |
     return SentPg(row[0], row[1], row[2], row[3], row[4])
 
 
+# Built once with bind parameters: it runs whenever a send waited behind another writer
+# (a busy conversation), and putting an aliased select together costs more than running
+# it.
+_OWN = aliased(Membership)
+_SENDER_STATE = (
+    select(
+        select(_OWN.user_id)
+        .where(_OWN.conversation_id == Conversation.id, _OWN.user_id == bindparam("uid"))
+        .exists(),
+        Conversation.kind,
+        func.min(Membership.last_read_seq),
+        func.min(Membership.delivered_seq),
+    )
+    .outerjoin(
+        Membership,
+        and_(
+            Membership.conversation_id == Conversation.id,
+            Membership.user_id != bindparam("uid"),
+        ),
+    )
+    .where(Conversation.id == bindparam("cid"), Conversation.deleted_at.is_(None))
+    .group_by(Conversation.id, Conversation.kind)
+)
+
+
 async def sender_state(
     session: AsyncSession, conversation_id: uuid.UUID, user_id: uuid.UUID
 ) -> tuple[bool, str, int | None, int | None] | None:
     """Whether the user is a member of the live conversation, its kind, and the lowest
     read and delivered markers among the other members; None when it does not exist."""
-    others = and_(Membership.conversation_id == Conversation.id, Membership.user_id != user_id)
-    own = aliased(Membership)
-    member = (
-        select(own.user_id)
-        .where(own.conversation_id == Conversation.id, own.user_id == user_id)
-        .exists()
-    )
-    stmt = (
-        select(
-            member,
-            Conversation.kind,
-            func.min(Membership.last_read_seq),
-            func.min(Membership.delivered_seq),
-        )
-        .outerjoin(Membership, others)
-        .where(Conversation.id == conversation_id, Conversation.deleted_at.is_(None))
-        .group_by(Conversation.id, Conversation.kind)
-    )
-    row = (await session.execute(stmt)).one_or_none()
+    params = {"cid": conversation_id, "uid": user_id}
+    row = (await session.execute(_SENDER_STATE, params)).one_or_none()
     if row is None:
         return None
     return row[0], row[1], row[2], row[3]
