@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import orjson
 import pytest
 from fastapi import FastAPI
 from websockets.frames import Frame as WireFrame
@@ -118,3 +119,28 @@ async def test_fan_out_is_complete_and_in_order_with_or_without_the_shortcut(
     assert all((c.direct is not None) is expect_direct for c in bobs)
     for ws in [sender, *listeners]:
         await ws.close()
+
+
+async def test_frames_of_one_loop_turn_go_out_together_in_order_and_before_a_close(
+    app: FastAPI, live_factory: LiveFactory, bob: User
+) -> None:
+    live = await live_factory(app)
+    ws = await live.connect(bob)
+    await ws.ready()
+    hub = app.state.realtime.hub
+    (conn,) = [c for c in hub.connections.values() if c.user_id == uuid.UUID(bob.id)]
+    assert conn.direct is not None
+
+    # Taken in one turn of the loop (no await in between), then a close asking for the
+    # frames to go first: all arrive, in order, and then the close.
+    for i in range(4):
+        conn.send(orjson.dumps({"type": "probe", "n": i}))
+    # A frame sent through ASGI in the same turn (how a queued frame or a close goes
+    # out) follows them.
+    gateway = conn.direct.__self__  # type: ignore[attr-defined]
+    await gateway.ws.send_text(orjson.dumps({"type": "probe", "n": 4}).decode())
+    conn.send(orjson.dumps({"type": "probe", "n": 5}))
+    conn.close(4003, "no longer a member of this conversation", flush=True)
+    got = [(await ws.recv())["n"] for _ in range(6)]
+    assert got == [0, 1, 2, 3, 4, 5]
+    assert await ws.closed_with() == 4003
