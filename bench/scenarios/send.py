@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 
 from bench.common import (
@@ -34,6 +35,9 @@ from bench.common import (
     summary,
 )
 from bench.loadgen import HttpTarget, http_closed_loop
+
+# Connections left free for anything else while pgbench runs (monitoring, psql).
+PGBENCH_SPARE_CONNECTIONS = 3
 
 PGBENCH_SCRIPT = (
     "INSERT INTO bare_messages (id, conversation_id, content) "
@@ -57,7 +61,22 @@ async def _measure(
     }
 
 
-async def _pgbench(db: Database, concurrency: int, seconds: int) -> float:
+async def _free_connections(db: Database) -> int:
+    """How many more connections PostgreSQL accepts now (the servers' pools included)."""
+    conn = await asyncpg.connect(**db.params, timeout=10)
+    try:
+        limit = int(await conn.fetchval("SHOW max_connections"))
+        reserved = int(await conn.fetchval("SHOW superuser_reserved_connections"))
+        used = int(await conn.fetchval("SELECT count(*) FROM pg_stat_activity"))
+    finally:
+        await conn.close()
+    return limit - reserved - used
+
+
+async def _pgbench(db: Database, concurrency: int, seconds: int) -> tuple[float, int]:
+    """pgbench TPS at `concurrency` clients, or as many as PostgreSQL has room for (a
+    default server allows 100 connections, fewer than the full run's 128); (tps, clients)."""
+    clients = min(concurrency, await _free_connections(db) - PGBENCH_SPARE_CONNECTIONS)
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
         script.write(PGBENCH_SCRIPT)
     params = db.params
@@ -67,8 +86,8 @@ async def _pgbench(db: Database, concurrency: int, seconds: int) -> float:
         "-h", params["host"],
         "-p", str(params["port"]),
         "-U", params["user"],
-        "-c", str(concurrency),
-        "-j", str(min(concurrency, 2)),
+        "-c", str(clients),
+        "-j", str(min(clients, 2)),
         "-T", str(seconds),
         "-f", script.name,
         params["database"],
@@ -81,7 +100,7 @@ async def _pgbench(db: Database, concurrency: int, seconds: int) -> float:
     match = re.search(rb"tps = ([0-9.]+)", out)
     if proc.returncode != 0 or match is None:
         raise RuntimeError(f"pgbench failed: {err.decode()[-500:]}")
-    return float(match.group(1))
+    return float(match.group(1)), clients
 
 
 async def run(quick: bool) -> dict[str, Any]:
@@ -122,17 +141,22 @@ async def run(quick: bool) -> dict[str, Any]:
                 ]  # fmt: skip
                 runs: dict[str, list[dict[str, Any]]] = {"parley": [], "bare": []}
                 pg_tps: list[float] = []
+                pg_clients: list[int] = []
                 for r in range(repeats):
                     progress(f"send: concurrency {level}, round {r + 1}/{repeats}")
                     runs["bare"].append(await _measure(bare_targets, seconds, warmup, bare))
                     runs["parley"].append(await _measure(parley_targets, seconds, warmup, parley))
-                    pg_tps.append(await _pgbench(db, level, int(seconds)))
+                    tps, clients = await _pgbench(db, level, int(seconds))
+                    pg_tps.append(tps)
+                    pg_clients.append(clients)
                 results["levels"][str(level)] = _summarize(runs, pg_tps)
+                results["levels"][str(level)]["pgbench_clients"] = min(pg_clients)
                 level_result = results["levels"][str(level)]
                 progress(
                     f"send: c={level} parley {level_result['parley_per_s']:.0f}/s, "
                     f"bare {level_result['baseline_per_s']:.0f}/s, "
-                    f"pgbench {level_result['pgbench_tps']:.0f} tps, "
+                    f"pgbench {level_result['pgbench_tps']:.0f} tps "
+                    f"({level_result['pgbench_clients']} clients), "
                     f"ratio {level_result['ratio']:.2f}"
                 )
         finally:
