@@ -273,6 +273,11 @@ async def carol(make_user: UserFactory) -> User:
 
 
 @pytest.fixture
+async def dave(make_user: UserFactory) -> User:
+    return await make_user("dave")
+
+
+@pytest.fixture
 async def admin(app: FastAPI, make_user: UserFactory) -> User:
     user = await make_user("root")
     async with app.state.db.transaction() as session:
@@ -299,6 +304,15 @@ async def group(alice: User, bob: User) -> dict[str, Any]:
     )
     assert resp.status_code == 201, resp.text
     return resp.json()
+
+
+@pytest.fixture
+async def direct(alice: User, bob: User) -> dict[str, Any]:
+    """The direct conversation of alice and bob."""
+    resp = await alice.post("/conversations/direct", json={"user_id": bob.id})
+    assert resp.status_code == 201, resp.text
+    body: dict[str, Any] = resp.json()
+    return body
 
 
 async def send(

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import AppFactory, Client, User, UserFactory, assert_problem, send
+from tests.conftest import AppFactory, Client, User, assert_problem, send
 
 Conversation = dict[str, Any]
 Message = dict[str, Any]
@@ -184,24 +184,11 @@ def assert_invalid(resp: httpx.Response) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def dave(make_user: UserFactory) -> User:
-    return await make_user("dave")
-
-
-@pytest.fixture
 async def trio(alice: User, bob: User, dave: User) -> Conversation:
     """A private group of alice (owner), bob and dave."""
     resp = await alice.post(
         "/conversations", json={"kind": "group", "name": "trio", "member_ids": [bob.id, dave.id]}
     )
-    assert resp.status_code == 201, resp.text
-    body: Conversation = resp.json()
-    return body
-
-
-@pytest.fixture
-async def direct(alice: User, bob: User) -> Conversation:
-    resp = await alice.post("/conversations/direct", json={"user_id": bob.id})
     assert resp.status_code == 201, resp.text
     body: Conversation = resp.json()
     return body

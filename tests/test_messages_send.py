@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
-from tests.conftest import User, UserFactory, assert_problem, send
+from tests.conftest import User, assert_problem, send
 
 Conversation = dict[str, Any]
 
@@ -31,19 +29,6 @@ async def as_read_by(user: User, message: dict[str, Any]) -> dict[str, Any]:
     resp = await user.get(f"/messages/{message['id']}")
     assert resp.status_code == 200, resp.text
     body: dict[str, Any] = resp.json()
-    return body
-
-
-@pytest.fixture
-async def dave(make_user: UserFactory) -> User:
-    return await make_user("dave")
-
-
-@pytest.fixture
-async def direct(alice: User, bob: User) -> Conversation:
-    resp = await alice.post("/conversations/direct", json={"user_id": bob.id})
-    assert resp.status_code == 201, resp.text
-    body: Conversation = resp.json()
     return body
 
 
