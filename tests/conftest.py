@@ -57,6 +57,22 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit("\n".join(problems), returncode=3)
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Leave the shared Redis as found: delete this run's keys (its own prefix only).
+
+    Presence and rate-limit keys outlive an app that stopped without logging out."""
+    if REDIS_URL:
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+        try:
+            keys = list(client.scan_iter(match=f"parley-test-{RUN_ID}-*", count=1000))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
+
+
 async def _pg_admin(sql: str) -> None:
     import asyncpg
 
