@@ -1,17 +1,25 @@
-"""uvicorn's WebSocket protocol, plus one ASGI extension: write a ready-made frame now.
+"""uvicorn's WebSocket protocol, made cheaper for fan-out and for idle sockets.
 
 Fan-out sends the same event to every member's socket. Through ASGI each delivery wakes
 the connection's writer task, passes `websocket.send` down the middleware stack, encodes
 the text again and frames it again: about 40 µs of CPU per socket. A server frame is not
 masked, and Parley turns per-message compression off, so one event's frame is the same
-bytes for every socket: the hub serializes it once, and this extension hands those bytes
-to each socket's transport straight away, the way a bare broadcast server does.
+bytes for every socket: the hub serializes it once, and one ASGI extension
+(`FRAMES_EXTENSION` in the scope) hands those bytes to each socket's transport, the way
+a bare broadcast server does. Frames a socket takes in one turn of the event loop are
+written together at the end of that turn (_Coalescer).
 
-The extension (`FRAMES_EXTENSION` in the ASGI scope) only ever writes when the socket
-could take the frame without waiting: handshake done, connection open, nothing of ours
-queued before it, and the transport not pushing back (uvicorn's `writable`). Otherwise it
-answers False and the caller falls back to the ordinary ASGI send, which waits for room.
-An ASGI server without the extension gets the ordinary path everywhere.
+The extension only ever takes a frame when the socket could take it without waiting:
+handshake done, connection open, nothing of ours queued before it, and the transport
+not pushing back (uvicorn's `writable`). Otherwise it answers False and the caller falls
+back to the ordinary ASGI send, which waits for room. An ASGI server without the
+extension gets the ordinary path everywhere.
+
+For idle sockets (§11: at most 20 KiB each) the protocol also keeps less: slotted
+stand-ins for uvicorn's per-socket queue and event, and no handshake once accepted.
+
+This subclass relies on attributes of uvicorn's `websockets-sansio` protocol (hence the
+uvicorn >= 0.35 pin); tests/test_ws_frames.py fails if the shortcut stops being used.
 """
 
 from __future__ import annotations
