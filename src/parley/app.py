@@ -29,7 +29,6 @@ from parley.ops.middleware import RequestContextMiddleware
 from parley.ops.ratelimit import RateLimiter
 from parley.ops.shutdown import install_drain
 from parley.realtime.endpoints import router as realtime_router
-from parley.realtime.gateway import router as gateway_router
 from parley.realtime.gateway import serve_websocket
 from parley.realtime.service import Realtime
 from parley.realtime.sse import router as sse_router
@@ -110,7 +109,6 @@ def create_app(settings: Settings | None = None) -> ParleyApp:
         sse_router,
     ):
         app.include_router(router, responses=error_responses(401, 404, 422, 500))
-    app.include_router(gateway_router)
     app.include_router(health_router)
     app.include_router(metrics_router)
 

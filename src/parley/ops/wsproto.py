@@ -118,11 +118,13 @@ class ParleyWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
-        # Only an accepted handshake has a scope; a negotiated extension (compression)
-        # would change the bytes of a frame, so such a socket gets no shortcut.
-        if self.response.status_code == 101 and not self.conn.extensions:
+        if self.response.status_code != 101:
+            return  # refused: no scope, no frames to come
+        # A negotiated extension (compression) would change the bytes of a frame, so
+        # such a socket gets no shortcut.
+        if not self.conn.extensions:
             self.scope["extensions"][FRAMES_EXTENSION] = {"write": self.write_frame}
-        if self.response.status_code == 101 and not self.conn.reader.buffer:
+        if not self.conn.reader.buffer:
             # The handshake request stays alive as a local of the handshake parser
             # (ServerProtocol.parse goes on to parse frames in the same generator): about
             # 2.5 KiB of headers for the socket's whole life. A client sends nothing

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 import structlog
-from fastapi import APIRouter, WebSocket
+from fastapi import WebSocket
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -68,7 +68,6 @@ from parley.realtime.handshake import access_principal_by_query, origin_allowed
 from parley.realtime.service import Realtime, TooManyConnections
 
 log = structlog.get_logger("parley.gateway")
-router = APIRouter(prefix=API_PREFIX, tags=["realtime"])
 
 HEARTBEAT_SECONDS = 25  # §8: the server pings every 25 s and closes after two misses
 AUTH_TIMEOUT = 5.0  # §8: a first-frame `auth` must come within 5 s
@@ -110,26 +109,16 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
-@router.websocket("/ws")
-async def websocket_all(websocket: WebSocket) -> None:
-    await Gateway(websocket, scope=None).run()
-
-
-@router.websocket("/ws/conversations/{conversation_id}")
-async def websocket_one(websocket: WebSocket, conversation_id: uuid.UUID) -> None:
-    await Gateway(websocket, scope=conversation_id).run()
-
-
 _ONE_PREFIX = f"{API_PREFIX}/ws/conversations/"
 
 
 async def serve_websocket(app: Any, scope: Scope, receive: Receive, send: Send) -> bool:
-    """Serve a gateway WebSocket straight from the ASGI call; False if the path is not one.
+    """Serve a gateway WebSocket (`/ws`, `/ws/conversations/{id}`) straight from the ASGI
+    call; False if the path is not one.
 
-    The routes above serve the same sockets through the whole HTTP stack (middleware,
-    exception handlers, dependency solving), whose frames and exit stacks then stay
-    alive as long as the socket: about 10 KiB per idle connection. ParleyApp calls this
-    first, so a socket costs only what it uses."""
+    ParleyApp calls this before the HTTP stack. As a FastAPI route, a socket would keep
+    the stack's frames and exit stacks (middleware, exception handlers, dependency
+    solving) alive as long as itself: about 10 KiB per idle connection."""
     path = scope["path"]
     root = scope.get("root_path", "")
     if root and path.startswith(root):
@@ -140,7 +129,7 @@ async def serve_websocket(app: Any, scope: Scope, receive: Receive, send: Send) 
         try:
             conversation_id = uuid.UUID(path[len(_ONE_PREFIX) :])
         except ValueError:
-            return False  # the routes answer it (the handshake is refused)
+            return False  # no such path: the router refuses the handshake
     else:
         return False
     scope["app"] = app
