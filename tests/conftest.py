@@ -358,6 +358,15 @@ def assert_problem(resp: httpx.Response, status: int, code: str | None = None) -
     return body
 
 
+def assert_hidden(resp: httpx.Response, unknown: httpx.Response) -> None:
+    """A 404 for something the caller may not see, identical to one for a missing id."""
+    hidden = assert_problem(resp, 404, "not_found")
+    missing = assert_problem(unknown, 404, "not_found")
+    hidden.pop("request_id")
+    missing.pop("request_id")
+    assert hidden == missing
+
+
 # -- live servers and real-time clients -----------------------------------------------
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import AppFactory, Client, User, assert_problem, send
+from tests.conftest import AppFactory, Client, User, assert_hidden, assert_problem, send
 
 Conversation = dict[str, Any]
 Message = dict[str, Any]
@@ -163,15 +163,6 @@ async def walk(user: User, cid: str, limit: int, expected: list[int]) -> None:
         walked += 1
     assert forwards == expected
     assert walked == pages
-
-
-def assert_hidden(resp: httpx.Response, unknown: httpx.Response) -> None:
-    """A 404 for something the caller may not see, identical to one for a missing id."""
-    hidden = assert_problem(resp, 404, "not_found")
-    missing = assert_problem(unknown, 404, "not_found")
-    hidden.pop("request_id")
-    missing.pop("request_id")
-    assert hidden == missing
 
 
 def assert_invalid(resp: httpx.Response) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import Client, User, assert_problem, send
+from tests.conftest import Client, User, assert_hidden, assert_problem, send
 
 Conversation = dict[str, Any]
 
@@ -65,14 +65,6 @@ async def walk(fetch: Fetch, limit: int) -> tuple[list[str], int]:
 def cursor_of(*parts: Any) -> str:
     """A well-formed cursor with content the server never gave out."""
     return base64.urlsafe_b64encode(json.dumps(list(parts)).encode()).rstrip(b"=").decode()
-
-
-def assert_hidden(resp: httpx.Response, unknown: httpx.Response) -> None:
-    hidden = assert_problem(resp, 404, "not_found")
-    missing = assert_problem(unknown, 404, "not_found")
-    hidden.pop("request_id")
-    missing.pop("request_id")
-    assert hidden == missing
 
 
 def assert_invalid(resp: httpx.Response) -> None:
