@@ -82,15 +82,38 @@ def stop_process(process: subprocess.Popen[bytes] | None) -> None:
 # -- processes ------------------------------------------------------------------------
 
 
-class RedisServer:
+class ChildProcess:
+    """A process a test starts, its output appended to one log file across restarts."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def popen(self, command: list[str], **kwargs: Any) -> None:
+        if self._log is None:
+            self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, **kwargs
+        )
+
+    def kill(self) -> None:
+        stop_process(self.process)
+
+    def close(self) -> None:
+        self.kill()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class RedisServer(ChildProcess):
     """A redis-server of this test's own, without persistence, on a fixed port."""
 
     def __init__(self, port: int, workdir: Path) -> None:
+        super().__init__(workdir / "redis.log")
         self.port = port
         self.workdir = workdir
-        self.log_path = workdir / "redis.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -100,11 +123,9 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not on PATH; the multi-process tests need it")
-        if self._log is None:
-            self._log = self.log_path.open("ab")
         command = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
         command += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        self.popen(command)
 
     async def start(self) -> None:
         """Start (or restart, on the same port) and wait until it answers PING."""
@@ -127,15 +148,6 @@ class RedisServer:
         finally:
             await client.aclose()
 
-    def kill(self) -> None:
-        stop_process(self.process)
-
-    def close(self) -> None:
-        self.kill()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
 
 @dataclass
 class Account:
@@ -144,17 +156,15 @@ class Account:
     token: str
 
 
-class Node:
+class Node(ChildProcess):
     """One `parley serve` process."""
 
     def __init__(self, name: str, env: dict[str, str], workdir: Path) -> None:
+        super().__init__(workdir / f"server-{name}.log")
         self.name = name
         self.port = free_port()
         self.env = env
         self.workdir = workdir
-        self.log_path = workdir / f"server-{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -163,14 +173,11 @@ class Node:
         return f"ws://127.0.0.1:{self.port}/api/v1/ws?token={token}"
 
     def spawn(self) -> None:
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
+        self.popen(
             [sys.executable, "-m", "parley", "serve", "--port", str(self.port)],
             env=self.env,
             # Not the repository: a developer's .env there must not reach the servers.
             cwd=self.workdir,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
         )
 
     async def start(self, http: httpx.AsyncClient) -> None:
@@ -193,15 +200,6 @@ class Node:
                     + tail(self.log_path)
                 )
             await asyncio.sleep(0.1)
-
-    def kill(self) -> None:
-        stop_process(self.process)
-
-    def close(self) -> None:
-        self.kill()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 class Cluster:
