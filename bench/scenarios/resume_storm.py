@@ -62,18 +62,13 @@ class Client:
         self.token = token
         self.conv = conv
         self.ws: Any = None
-        self.seqs: list[int] = []
         self.cursor = 0
         self.target: int | None = None
-        self.caught = asyncio.Event()
-        self.done = asyncio.Event()
-        self.ready_at = self.resume_at = self.resumed_at = self.caught_at = 0.0
-        self.attempts = 0
-        self.error = ""
-        self.closed = ""
+        self.reset()
 
     def reset(self) -> None:
-        self.seqs = []
+        """Forget the first connection's progress before the storm (the cursor stays)."""
+        self.seqs: list[int] = []
         self.caught = asyncio.Event()
         self.done = asyncio.Event()
         self.ready_at = self.resume_at = self.resumed_at = self.caught_at = 0.0
