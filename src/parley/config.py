@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     # test suite lowers them because it hashes hundreds of passwords.
     argon2_time_cost: int = Field(3, ge=1)
     argon2_memory_cost: int = Field(65_536, ge=8)
-    db_pool_size: int = Field(10, ge=1)
+    # The most PostgreSQL connections a process holds (opened on demand, kept).
+    db_pool_size: int = Field(20, ge=1)
     # Namespace of every Redis key, so that several deployments (or test runs) can share
     # one Redis without meeting.
     redis_prefix: str = "parley"
