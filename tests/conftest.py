@@ -25,8 +25,10 @@ import websockets.asyncio.client
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.app import create_app
+from parley.auth.service import Principal, access_principal_by_token
 from parley.config import Settings
 from parley.db.base import Base
 from parley.db.migrate import upgrade
@@ -340,6 +342,11 @@ async def send(
     assert resp.status_code in (200, 201), resp.text
     body: dict[str, Any] = resp.json()
     return body
+
+
+async def principal_of(session: AsyncSession, app: FastAPI, user: User) -> Principal:
+    """The user as the service layer sees the caller of an authenticated request."""
+    return await access_principal_by_token(session, app.state.settings, user.access_token)
 
 
 def assert_problem(resp: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:

@@ -54,6 +54,20 @@ async def test_a_send_with_an_ended_session_is_refused_and_writes_nothing(
     assert await contents(bob, cid) == ["before logout"]
 
 
+async def test_a_send_by_a_deactivated_sender_is_refused_and_writes_nothing(
+    admin: User, alice: User, bob: User, group: Conversation
+) -> None:
+    cid = group["id"]
+    await send(bob, cid, "before")
+    seq = await last_seq(alice, cid)
+    resp = await admin.patch(f"/admin/users/{bob.id}", json={"is_active": False})
+    assert resp.status_code == 200, resp.text
+    resp = await bob.post(f"/conversations/{cid}/messages", json={"content": "after"})
+    assert_problem(resp, 401, "unauthorized")
+    assert await last_seq(alice, cid) == seq
+    assert await contents(alice, cid) == ["before"]
+
+
 async def test_the_send_response_is_the_senders_view_of_the_stored_message(
     alice: User, bob: User, room: Conversation, group: Conversation, direct: Conversation
 ) -> None:

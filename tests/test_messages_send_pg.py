@@ -12,13 +12,11 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from parley.auth.service import Principal
 from parley.conversations import service as conversations
 from parley.messages import service as messages
 from parley.messages.schemas import MessageCreate
-from parley.models import User as UserRow
-from tests.conftest import PG_URL, User, assert_problem, send
-from tests.test_messages_send import Conversation, as_read_by, contents
+from tests.conftest import PG_URL, User, assert_problem, principal_of, send
+from tests.test_messages_send import Conversation, as_read_by, contents, last_seq
 
 pytestmark = [
     pytest.mark.skipif(not PG_URL, reason="needs PARLEY_TEST_DATABASE_URL (PostgreSQL)"),
@@ -44,23 +42,25 @@ async def _wait_for_a_lock_wait(app: FastAPI) -> None:
     raise AssertionError("the send never waited for the conversation's lock")
 
 
-async def _as_principal(session: Any, user: User) -> Principal:
-    row = await session.get(UserRow, uuid.UUID(user.id))
-    assert row is not None
-    return Principal(user=row, session_id=uuid.uuid4())
+# A plain send is the statement alone; one with a mention runs it in a transaction with
+# more to write. Each must see what changed while it waited for the lock.
+Content = pytest.mark.parametrize(
+    "content", ["plain", "for @alice"], ids=["statement-alone", "in-a-transaction"]
+)
 
 
+@Content
 async def test_a_send_that_waited_behind_its_senders_removal_is_refused(
-    app: FastAPI, alice: User, bob: User, group: Conversation
+    app: FastAPI, alice: User, bob: User, group: Conversation, content: str
 ) -> None:
     """The statement's membership check reads a snapshot from before its wait for the
     lock; a removal committed meanwhile must still refuse the send."""
     cid = group["id"]
     async with app.state.db.transaction() as session:
-        principal = await _as_principal(session, alice)
+        principal = await principal_of(session, app, alice)
         await conversations.do_kick(session, principal, uuid.UUID(cid), uuid.UUID(bob.id))
         pending = asyncio.create_task(
-            bob.post(f"/conversations/{cid}/messages", json={"content": "too late"})
+            bob.post(f"/conversations/{cid}/messages", json={"content": content})
         )
         await _wait_for_a_lock_wait(app)
     assert_problem(await pending, 404, "not_found")
@@ -69,26 +69,28 @@ async def test_a_send_that_waited_behind_its_senders_removal_is_refused(
     assert page["member_count"] == 1
 
 
+@Content
 async def test_a_send_that_waited_behind_another_send_takes_the_next_seq(
-    app: FastAPI, alice: User, bob: User, group: Conversation
+    app: FastAPI, alice: User, bob: User, group: Conversation, content: str
 ) -> None:
     cid = group["id"]
     earlier = await send(alice, cid, "earlier")
     async with app.state.db.transaction() as session:
-        principal = await _as_principal(session, alice)
+        principal = await principal_of(session, app, alice)
         first, _ = await messages.do_send_message(
             session, app.state.settings, principal, uuid.UUID(cid), MessageCreate(content="first")
         )
         # What only refers to the conversation (a read marker) does not wait for a send.
         read = bob.post(f"/conversations/{cid}/read", json={"seq": earlier["seq"]})
         assert (await asyncio.wait_for(read, timeout=5)).status_code == 204
-        pending = asyncio.create_task(send(bob, cid, "second"))
+        pending = asyncio.create_task(send(bob, cid, content))
         await _wait_for_a_lock_wait(app)
     second = await pending
     assert second["seq"] == first.seq + 1
     assert second["status"] == "sent"
+    assert second["mentions"] == ([alice.id] if "@" in content else [])
     assert await as_read_by(bob, second) == second
-    assert await contents(alice, cid) == ["earlier", "first", "second"]
+    assert await contents(alice, cid) == ["earlier", "first", content]
 
 
 async def test_pooled_connections_the_server_closed_are_replaced(
@@ -124,3 +126,57 @@ async def test_pooled_connections_the_server_closed_are_replaced(
         await send(alice, cid, f"after {i}")
     await asyncio.gather(*(send(alice, cid, f"together {i}") for i in range(6)))
     assert (await alice.get("http://test/ready")).status_code == 200
+
+
+async def test_a_plain_send_is_one_statement_outside_any_transaction(
+    app: FastAPI, monkeypatch: pytest.MonkeyPatch, alice: User, bob: User, group: Conversation
+) -> None:
+    """The common send is parley.messages.pgsend's statement; a mention or a reply needs
+    the transactional path. Both store and answer alike."""
+    db = app.state.db
+    opened: list[bool] = []
+    transaction = db.transaction
+
+    def counted(*, write: bool = True) -> Any:
+        opened.append(write)
+        return transaction(write=write)
+
+    monkeypatch.setattr(db, "transaction", counted)
+    cid = group["id"]
+    plain = await send(alice, cid, "plain", client_msg_id="p-1")
+    assert opened == []
+    mention = await send(alice, cid, f"hi @{bob.username}")
+    assert opened == [True]
+    reply = await send(alice, cid, "a reply", reply_to_id=plain["id"])
+    assert opened == [True, True]
+    monkeypatch.undo()
+    assert [mention["seq"], reply["seq"]] == [plain["seq"] + 1, plain["seq"] + 2]
+    for message in (plain, mention, reply):
+        assert await as_read_by(alice, message) == message
+
+
+async def test_a_send_cancelled_while_it_waits_leaves_the_pool_sound(
+    app: FastAPI, alice: User, bob: User, group: Conversation
+) -> None:
+    """The statement runs on a driver connection of the pool outside SQLAlchemy's own
+    handling: one cancelled half-way must still be fit for the next send."""
+    cid = group["id"]
+    async with app.state.db.transaction() as session:
+        principal = await principal_of(session, app, alice)
+        await messages.do_send_message(
+            session, app.state.settings, principal, uuid.UUID(cid), MessageCreate(content="first")
+        )
+        pending = asyncio.create_task(send(bob, cid, "cancelled"))
+        await _wait_for_a_lock_wait(app)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+    sent = await asyncio.gather(*(send(bob, cid, f"after {i}") for i in range(8)))
+    assert all(message["content"] == f"after {i}" for i, message in enumerate(sent))
+    # The cancelled statement may have gone on to commit without its caller: either way
+    # each message has a seq of its own and the conversation's last seq is the newest.
+    resp = await alice.get(f"/conversations/{cid}/messages")
+    seqs = [m["seq"] for m in resp.json()["messages"]]
+    assert len(seqs) in (9, 10)
+    assert seqs == sorted(set(seqs))
+    assert seqs[-1] == await last_seq(alice, cid)

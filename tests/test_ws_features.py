@@ -16,10 +16,8 @@ import websockets
 import websockets.asyncio.client
 from fastapi import FastAPI
 
-from parley.auth.service import Principal
 from parley.messages.schemas import MessageCreate
 from parley.messages.service import do_send_message
-from parley.models import User as UserRow
 from parley.realtime import gateway, presence
 from parley.realtime import hub as hub_module
 from parley.realtime.connection import Connection
@@ -33,6 +31,7 @@ from tests.conftest import (
     LiveServer,
     User,
     assert_problem,
+    principal_of,
     send,
 )
 
@@ -78,9 +77,7 @@ async def create_messages(
     seqs."""
     db, settings = app.state.db, app.state.settings
     async with db.transaction() as session:
-        row = await session.get(UserRow, uuid.UUID(sender.id))
-        assert row is not None
-        principal = Principal(user=row, session_id=uuid.uuid4())
+        principal = await principal_of(session, app, sender)
         seqs = []
         for i in range(count):
             message, _ = await do_send_message(

@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 
+from parley.auth.security import AccessClaims, decode_access_token
 from parley.auth.service import Principal, access_principal_by_token
 from parley.db.session import SessionDep
 from parley.deps import SettingsDep
@@ -32,6 +33,23 @@ async def get_principal(
     return principal
 
 
+async def get_claims(
+    request: Request,
+    settings: SettingsDep,
+    token: Annotated[str | None, Depends(oauth2_scheme)],
+) -> AccessClaims:
+    """A verified access token whose session is not checked here: for an endpoint that
+    checks it in its own statement (the send, parley.messages.pgsend). Its per-request
+    limit is taken before the session is known to be live."""
+    if not token:
+        raise Unauthorized()
+    claims = decode_access_token(settings.signing_key, token)
+    user_id_var.set(str(claims.user_id))
+    limiter: RateLimiter = request.app.state.rate_limiter
+    await limiter.check(limiter.requests, "requests", claims.user_id.hex)
+    return claims
+
+
 async def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
     if not principal.is_admin:
         raise Forbidden("This needs a global admin")
@@ -39,4 +57,5 @@ async def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> 
 
 
 CurrentUser = Annotated[Principal, Depends(get_principal)]
+TokenClaims = Annotated[AccessClaims, Depends(get_claims)]
 AdminUser = Annotated[Principal, Depends(get_admin)]

@@ -14,6 +14,7 @@ from parley.auth import repository
 from parley.auth.schemas import RegisterIn, TicketOut, TokenOut
 from parley.auth.security import (
     TICKET_TTL_SECONDS,
+    AccessClaims,
     PasswordHasher,
     decode_access_token,
     issue_access_token,
@@ -205,7 +206,12 @@ async def do_issue_ticket(session: AsyncSession, principal: Principal) -> Ticket
 async def access_principal_by_token(
     session: AsyncSession, settings: Settings, token: str
 ) -> Principal:
-    claims = decode_access_token(settings.signing_key, token)
+    return await access_principal_by_claims(
+        session, decode_access_token(settings.signing_key, token)
+    )
+
+
+async def access_principal_by_claims(session: AsyncSession, claims: AccessClaims) -> Principal:
     user = await repository.get_active_user_for_session(session, claims.user_id, claims.session_id)
     if user is None:
         raise Unauthorized("The session has ended")

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import structlog
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.util import greenlet_spawn
 
 from parley.db.engine import WRITE_OPTION, create_engine
 from parley.realtime.envelope import drop_outbox, take_outbox
@@ -26,7 +27,7 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 20) -> None:
         self.url = url
         self.engine: AsyncEngine = create_engine(url, pool_size=pool_size)
         self.dialect = self.engine.dialect.name
@@ -57,13 +58,32 @@ class Database:
                 drop_outbox(session)
                 raise
         outbox = take_outbox(session)
-        if outbox and self.publisher is not None:
-            try:
-                await self.publisher(outbox)
-            except Exception:
-                # Committed is committed: a lost publish leaves a hole in the seq that
-                # every hub fills from the database (§9.3).
-                log.exception("publish_failed", events=len(outbox))
+        if outbox:
+            await self.publish(outbox)
+
+    async def publish(self, events: list[Any]) -> None:
+        """Publish the events of a committed write."""
+        if self.publisher is None:
+            return
+        try:
+            await self.publisher(events)
+        except Exception:
+            # Committed is committed: a lost publish leaves a hole in the seq that every
+            # hub fills from the database (§9.3).
+            log.exception("publish_failed", events=len(events))
+
+    @asynccontextmanager
+    async def driver_connection(self) -> AsyncIterator[Any]:
+        """A pooled connection of the driver itself (asyncpg), outside any transaction,
+        for a statement that is its own (parley.messages.pgsend)."""
+        raw = await self.engine.raw_connection()
+        try:
+            yield raw.driver_connection
+        finally:
+            # Back to the pool; its reset runs in SQLAlchemy's greenlet bridge. asyncpg
+            # itself makes a connection whose statement was cancelled usable again, and
+            # one the server closed is replaced at its next checkout (parley.db.engine).
+            await greenlet_spawn(raw.close)
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from sqlalchemy import (
     CursorResult,
     Select,
     and_,
-    bindparam,
     delete,
     func,
     insert,
@@ -23,7 +23,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from parley.db.base import utcnow
 from parley.models import Conversation, Membership, Mention, Message, MessageVersion, ReadMark, User
@@ -200,10 +199,40 @@ async def others_markers(
     return row[0], row[1], row[2]
 
 
-# One round trip for the common send on PostgreSQL: check membership, lock the
-# conversation (which orders concurrent senders), insert the message at the next seq
-# with its event-log row, take that seq, move the sender's read marker, and tell what
-# the sender's view of the message needs.
+class MessageRow(Protocol):
+    """What the send statement stores and a view of a message reads: a Message, or a
+    message sent without the ORM (parley.messages.service.do_send_message_autocommit)."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def conversation_id(self) -> uuid.UUID: ...
+    @property
+    def sender_id(self) -> uuid.UUID: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def updated_seq(self) -> int: ...
+    @property
+    def content(self) -> str: ...
+    @property
+    def client_msg_id(self) -> str | None: ...
+    @property
+    def reply_to_id(self) -> uuid.UUID | None: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def edited_at(self) -> datetime | None: ...
+    @property
+    def deleted_at(self) -> datetime | None: ...
+
+
+# One round trip for the common send on PostgreSQL: check the sender's session and
+# membership, lock the conversation (which orders concurrent senders), insert the message
+# at the next seq with its event-log row, take that seq, move the sender's read marker,
+# and tell what the sender's view of the message needs. It is a whole send by itself, so
+# it runs outside any transaction when nothing else is to be written (see
+# parley.messages.service.do_send_message_autocommit), and inside one otherwise.
 #
 # The seq is taken only once the message row is in: a client_msg_id that already exists
 # (committed, or by a twin this statement waited for at the lock) inserts nothing and
@@ -211,17 +240,23 @@ async def others_markers(
 #
 # The lock is the one an UPDATE of the row would take (NO KEY: inserts elsewhere that
 # merely reference the conversation are not held up), and, having waited for it, the
-# statement sees the newest row. The membership check and the others' markers, though,
-# come from the snapshot taken before that wait. `settled` says no other writer took a
-# seq in between (every change of membership takes one), so the snapshot still holds;
-# when it is false the caller reads them again.
-SEND_PG = text(
-    """
-WITH prior AS (
+# statement sees the newest row. The session and membership checks, though, come from
+# the snapshot taken before that wait. `settled` says no other writer took a seq in
+# between (every change of membership takes one), so the snapshot still holds; when it
+# is false the statement inserts nothing. Inside a transaction the caller then runs it
+# again: holding the lock by now, it sees a membership no one can change meanwhile.
+SEND_SQL = """
+WITH who AS (
+    SELECT u.username, u.display_name
+    FROM auth_sessions s JOIN users u ON u.id = s.user_id
+    WHERE s.id = :sid AND u.id = :uid AND s.ended_at IS NULL AND s.expires_at > :now
+      AND u.is_active
+), prior AS (
     SELECT last_seq FROM conversations WHERE id = :cid
 ), conv AS (
     SELECT last_seq, kind FROM conversations
     WHERE id = :cid AND deleted_at IS NULL
+      AND EXISTS (SELECT 1 FROM who)
       AND EXISTS (SELECT 1 FROM memberships WHERE conversation_id = :cid AND user_id = :uid)
     FOR NO KEY UPDATE
 ), msg AS (
@@ -230,6 +265,7 @@ WITH prior AS (
          reply_to_id, created_at)
     SELECT :mid, :cid, last_seq + 1, last_seq + 1, :uid, :content, :cmid, :reply, :now
     FROM conv
+    WHERE conv.last_seq = (SELECT last_seq FROM prior)
     ON CONFLICT (conversation_id, sender_id, client_msg_id) DO NOTHING
     RETURNING seq
 ), taken AS (
@@ -251,87 +287,72 @@ WITH prior AS (
     INSERT INTO read_marks (conversation_id, user_id, seq, read_at)
     SELECT :cid, :uid, seq, :now FROM marker
 )
-SELECT (SELECT seq FROM msg) AS seq, conv.kind,
+SELECT who.username, who.display_name,
+       (SELECT seq FROM msg) AS seq, conv.kind,
        conv.last_seq = (SELECT last_seq FROM prior) AS settled,
        others.min_read, others.min_delivered
-FROM conv LEFT JOIN LATERAL (
+FROM who
+LEFT JOIN conv ON true
+LEFT JOIN LATERAL (
     -- Only direct and group conversations show a status; a room may be large.
     SELECT min(last_read_seq) AS min_read, min(delivered_seq) AS min_delivered
     FROM memberships
     WHERE conversation_id = :cid AND user_id <> :uid AND conv.kind <> 'room'
 ) others ON true
 """
+_SEND = text(SEND_SQL)
+_SEND_PARAMS = ("uid", "sid", "cid", "mid", "content", "cmid", "reply", "now")
+# The same statement in asyncpg's own form, for a driver connection.
+_SEND_DRIVER = re.sub(
+    r":(" + "|".join(_SEND_PARAMS) + r")\b",
+    lambda m: f"${_SEND_PARAMS.index(m[1]) + 1}",
+    SEND_SQL,
 )
 
 
 @dataclass(frozen=True, slots=True)
-class SentPg:
-    """What SEND_PG answers for a sender who is a member of a live conversation."""
+class Sent:
+    """What the send statement answers when the session is live."""
 
-    seq: int | None  # None: the client_msg_id is known, nothing was stored
-    kind: str
-    settled: bool
-    others_min_read: int | None
-    others_min_delivered: int | None
-
-
-async def insert_message_pg(session: AsyncSession, message: Message) -> SentPg | None:
-    """Run SEND_PG for a message not yet in the session (its seq is what it returns);
-    None when the sender is not a member or there is no such conversation."""
-    row = (
-        await session.execute(
-            SEND_PG,
-            {
-                "cid": message.conversation_id,
-                "uid": message.sender_id,
-                "mid": message.id,
-                "content": message.content,
-                "cmid": message.client_msg_id,
-                "reply": message.reply_to_id,
-                "now": message.created_at,
-            },
-        )
-    ).one_or_none()
-    if row is None:
-        return None
-    return SentPg(row[0], row[1], row[2], row[3], row[4])
+    username: str
+    display_name: str | None
+    seq: int | None  # None: nothing stored (a known client_msg_id, or not settled)
+    kind: str | None  # None: not a member of a live conversation, nothing stored
+    settled: bool | None
+    min_read: int | None
+    min_delivered: int | None
 
 
-# Built once with bind parameters: it runs whenever a send waited behind another writer
-# (a busy conversation), and putting an aliased select together costs more than running
-# it.
-_OWN = aliased(Membership)
-_SENDER_STATE = (
-    select(
-        select(_OWN.user_id)
-        .where(_OWN.conversation_id == Conversation.id, _OWN.user_id == bindparam("uid"))
-        .exists(),
-        Conversation.kind,
-        func.min(Membership.last_read_seq),
-        func.min(Membership.delivered_seq),
+def _send_params(message: MessageRow, session_id: uuid.UUID) -> tuple[Any, ...]:
+    return (
+        message.sender_id,
+        session_id,
+        message.conversation_id,
+        message.id,
+        message.content,
+        message.client_msg_id,
+        message.reply_to_id,
+        message.created_at,
     )
-    .outerjoin(
-        Membership,
-        and_(
-            Membership.conversation_id == Conversation.id,
-            Membership.user_id != bindparam("uid"),
-        ),
-    )
-    .where(Conversation.id == bindparam("cid"), Conversation.deleted_at.is_(None))
-    .group_by(Conversation.id, Conversation.kind)
-)
 
 
-async def sender_state(
-    session: AsyncSession, conversation_id: uuid.UUID, user_id: uuid.UUID
-) -> tuple[bool, str, int | None, int | None] | None:
-    """Whether the user is a member of the live conversation, its kind, and the lowest
-    read and delivered markers among the other members; None when it does not exist."""
-    params = {"cid": conversation_id, "uid": user_id}
-    row = (await session.execute(_SENDER_STATE, params)).one_or_none()
-    if row is None:
-        return None
-    return row[0], row[1], row[2], row[3]
+async def send_message(
+    session: AsyncSession, message: Message, session_id: uuid.UUID
+) -> Sent | None:
+    """The send statement inside the session's transaction, for a message not yet in the
+    session (its seq is what it returns); None when the sender's session has ended."""
+    params = dict(zip(_SEND_PARAMS, _send_params(message, session_id), strict=True))
+    row = (await session.execute(_SEND, params)).one_or_none()
+    return None if row is None else Sent(*row)
+
+
+async def send_message_autocommit(
+    conn: Any, message: MessageRow, session_id: uuid.UUID
+) -> Sent | None:
+    """The send statement on an asyncpg connection outside any transaction, as its own;
+    None when the sender's session has ended."""
+    row = await conn.fetchrow(_SEND_DRIVER, *_send_params(message, session_id))
+    return None if row is None else Sent(*row)
 
 
 async def insert_mentions(

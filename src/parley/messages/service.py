@@ -6,6 +6,7 @@ written to the conversation's event log with it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from collections.abc import Sequence
@@ -25,8 +26,10 @@ from parley.conversations.service import (
     user_ref,
 )
 from parley.db.base import utcnow
-from parley.errors import Conflict, Forbidden, NotFound, invalid_field
+from parley.db.session import Database
+from parley.errors import Conflict, Forbidden, NotFound, Unauthorized, invalid_field
 from parley.messages import repository
+from parley.messages.repository import MessageRow
 from parley.messages.schemas import (
     MessageCreate,
     MessageList,
@@ -40,8 +43,9 @@ from parley.messages.schemas import (
 )
 from parley.models import Membership, Message, MessageVersion, User
 from parley.pagination import InvalidCursor, decode_cursor, encode_cursor
-from parley.realtime.envelope import emit, to_conversation, to_user
+from parley.realtime.envelope import Envelope, emit, to_conversation, to_user
 from parley.realtime.events import EventMessage, MessageEvent, MessageEventType, ReadEvent
+from parley.users.schemas import UserRef
 
 M = TypeVar("M", bound=MessageOut)
 # The lowest read and delivered markers among the other members (None when there are none).
@@ -214,9 +218,9 @@ class _SentState:
 async def _send_pg(
     session: AsyncSession, principal: Principal, conversation_id: uuid.UUID, data: MessageCreate
 ) -> tuple[Message, bool, _SentState | None]:
-    """The common send in one statement (repository.SEND_PG): what the portable path above
-    does in seven round trips. Same checks, same rows, same events. The state is None
-    for a retry that found the original."""
+    """The common send in one statement (repository.SEND_SQL): what the portable path
+    above does in seven round trips. Same checks, same rows, same events. The state is
+    None for a retry that found the original."""
     message = Message(
         id=uuid.uuid4(),
         conversation_id=conversation_id,
@@ -228,19 +232,18 @@ async def _send_pg(
         edited_at=None,
         deleted_at=None,
     )
-    sent = await repository.insert_message_pg(session, message)
-    if sent is None:
-        raise ConversationNotFound()
-    kind, markers = sent.kind, (sent.others_min_read, sent.others_min_delivered)
-    if not sent.settled:
+    sent = await repository.send_message(session, message, principal.session_id)
+    if sent is not None and sent.kind is not None and not sent.settled:
         # Another writer took a seq while this send waited for the conversation's lock,
-        # so the membership the statement checked may have changed since: read it again.
-        # Raising rolls the whole send back, seq included.
-        state = await repository.sender_state(session, conversation_id, principal.id)
-        if state is None or not state[0]:
-            raise ConversationNotFound()
-        _, kind, min_read, min_delivered = state
-        markers = (min_read, min_delivered)
+        # so the membership the statement checked may have changed since and it stored
+        # nothing. It holds the lock now: run again, it sees what no one can change.
+        sent = await repository.send_message(session, message, principal.session_id)
+    if sent is None:
+        raise Unauthorized("The session has ended")
+    if sent.kind is None:
+        raise ConversationNotFound()
+    assert sent.settled
+    kind, markers = sent.kind, (sent.min_read, sent.min_delivered)
     if sent.seq is None:
         assert data.client_msg_id is not None
         existing = await repository.find_by_client_id(
@@ -255,6 +258,78 @@ async def _send_pg(
         await repository.insert_mentions(session, message, mentioned)
     notify_message(session, "message.created", message, principal.user, mentioned)
     return message, True, _SentState(kind, markers, mentioned)
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """A message the send statement stored on its own, without the ORM."""
+
+    id: uuid.UUID
+    conversation_id: uuid.UUID
+    sender_id: uuid.UUID
+    content: str
+    client_msg_id: str | None
+    created_at: datetime
+    seq: int = 0
+    reply_to_id: None = None
+    edited_at: None = None
+    deleted_at: None = None
+
+    @property
+    def updated_seq(self) -> int:
+        return self.seq
+
+
+def sends_autocommit(db: Database, data: MessageCreate) -> bool:
+    """Whether a send is the send statement alone: a plain message on PostgreSQL. A
+    reply, an attachment or a mention has more to check or write."""
+    return (
+        db.is_postgres
+        and data.reply_to_id is None
+        and not data.attachment_ids
+        and "@" not in data.content
+    )
+
+
+async def do_send_message_autocommit(
+    db: Database,
+    user_id: uuid.UUID,
+    session_id: uuid.UUID,
+    conversation_id: uuid.UUID,
+    data: MessageCreate,
+) -> MessageOut | None:
+    """The common send as the send statement alone, outside any transaction (SPEC §11):
+    no BEGIN, no COMMIT, no ORM session, one round trip on a pooled driver connection.
+    The statement checks the session itself, so the caller need not. Publishes the
+    message and answers the sender's view of it; None when the send is not one the
+    statement takes alone (sends_autocommit) or it declined, having stored nothing (a
+    known client_msg_id, or a wait behind another writer), and do_send_message_view
+    must send it."""
+    if not sends_autocommit(db, data):
+        return None
+    message = _Stored(
+        id=uuid.uuid4(),
+        conversation_id=conversation_id,
+        sender_id=user_id,
+        content=data.content,
+        client_msg_id=data.client_msg_id,
+        created_at=utcnow(),
+    )
+    async with db.driver_connection() as conn:
+        sent = await repository.send_message_autocommit(conn, message, session_id)
+    if sent is None:
+        raise Unauthorized("The session has ended")
+    if sent.kind is None:
+        raise ConversationNotFound()
+    if sent.seq is None:
+        return None
+    stored = dataclasses.replace(message, seq=sent.seq)
+    sender = UserRef(id=user_id, username=sent.username, display_name=sent.display_name)
+    await db.publish([message_envelope("message.created", stored, sender, [])])
+    status = None
+    if sent.kind != "room":
+        status = message_status(sent.seq, (sent.min_read, sent.min_delivered))
+    return message_view(stored, sender, [], status)
 
 
 async def _insert_message_txn(
@@ -435,16 +510,22 @@ def notify_message(
     mentions: list[uuid.UUID],
 ) -> None:
     """Publish a message change after commit, at the seq it took."""
+    emit(session, message_envelope(type_, message, sender, mentions))
+
+
+def message_envelope(
+    type_: MessageEventType,
+    message: MessageRow,
+    sender: User | UserRef,
+    mentions: list[uuid.UUID],
+) -> Envelope:
     event = MessageEvent(
         type=type_,
         conversation_id=message.conversation_id,
         seq=message.updated_seq,
         message=message_view(message, sender, mentions, cls=EventMessage),
     )
-    emit(
-        session,
-        to_conversation(message.conversation_id, event, type_=type_, seq=message.updated_seq),
-    )
+    return to_conversation(message.conversation_id, event, type_=type_, seq=message.updated_seq)
 
 
 # -- reads ------------------------------------------------------------------------------
@@ -494,8 +575,8 @@ async def build_views(
 
 
 def message_view(
-    message: Message,
-    sender: User,
+    message: MessageRow,
+    sender: User | UserRef,
     mentions: list[uuid.UUID],
     status: Status | None = None,
     *,
@@ -507,7 +588,7 @@ def message_view(
         conversation_id=message.conversation_id,
         seq=message.seq,
         updated_seq=message.updated_seq,
-        sender=user_ref(sender),
+        sender=sender if isinstance(sender, UserRef) else user_ref(sender),
         content="" if deleted else message.content,
         client_msg_id=message.client_msg_id,
         reply_to_id=message.reply_to_id,
