@@ -70,6 +70,29 @@ async def test_a_send_that_waited_behind_its_senders_removal_is_refused(
 
 
 @Content
+async def test_a_send_that_waited_behind_a_new_member_counts_them(
+    app: FastAPI, alice: User, bob: User, carol: User, group: Conversation, content: str
+) -> None:
+    """A change of members while a send waits unsettles what its snapshot checked: the
+    send is stored after the join, as the members are now."""
+    cid = group["id"]
+    await send(bob, cid, "earlier")
+    joined_at = await last_seq(alice, cid) + 1
+    async with app.state.db.transaction() as session:
+        principal = await principal_of(session, app, alice)
+        await conversations.do_put_member(
+            session, app.state.settings, principal, uuid.UUID(cid), uuid.UUID(carol.id), None
+        )
+        pending = asyncio.create_task(send(bob, cid, content))
+        await _wait_for_a_lock_wait(app)
+    sent = await pending
+    assert sent["seq"] == joined_at + 1
+    assert sent["status"] == "sent"
+    assert await as_read_by(carol, sent) == {**sent, "status": None}
+    assert await contents(carol, cid) == ["earlier", content]
+
+
+@Content
 async def test_a_send_that_waited_behind_another_send_takes_the_next_seq(
     app: FastAPI, alice: User, bob: User, group: Conversation, content: str
 ) -> None:

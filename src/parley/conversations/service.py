@@ -173,7 +173,7 @@ async def _add_member_txn(
         actor_id=actor_id,
         role=role,
     )
-    conversation.last_seq = seq
+    conversation.last_seq = conversation.member_seq = seq
     conversation.member_count += 1
     await session.flush()
     _notify_member(session, conversation.id, seq, "member.joined", user_id, role)
@@ -203,7 +203,7 @@ async def _remove_member_txn(
         data={"reason": reason},
     )
     await repository.delete_membership(session, conversation.id, membership.user_id)
-    conversation.last_seq = seq
+    conversation.last_seq = conversation.member_seq = seq
     conversation.member_count -= 1
     await session.flush()
     _notify_member(

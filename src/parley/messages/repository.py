@@ -241,9 +241,10 @@ class MessageRow(Protocol):
 # The lock is the one an UPDATE of the row would take (NO KEY: inserts elsewhere that
 # merely reference the conversation are not held up), and, having waited for it, the
 # statement sees the newest row. The session and membership checks, though, come from
-# the snapshot taken before that wait. `settled` says no other writer took a seq in
-# between (every change of membership takes one), so the snapshot still holds; when it
-# is false the statement inserts nothing. Inside a transaction the caller then runs it
+# the snapshot taken before that wait. Every change of members moves the row's
+# member_seq under the same lock, so `settled` (it did not move in between) says the
+# snapshot's membership still holds. Other sends in between do not unsettle it. When it
+# is false the statement inserts nothing; inside a transaction the caller then runs it
 # again: holding the lock by now, it sees a membership no one can change meanwhile.
 SEND_SQL = """
 WITH who AS (
@@ -252,9 +253,9 @@ WITH who AS (
     WHERE s.id = :sid AND u.id = :uid AND s.ended_at IS NULL AND s.expires_at > :now
       AND u.is_active
 ), prior AS (
-    SELECT last_seq FROM conversations WHERE id = :cid
+    SELECT member_seq FROM conversations WHERE id = :cid
 ), conv AS (
-    SELECT last_seq, kind FROM conversations
+    SELECT last_seq, member_seq, kind FROM conversations
     WHERE id = :cid AND deleted_at IS NULL
       AND EXISTS (SELECT 1 FROM who)
       AND EXISTS (SELECT 1 FROM memberships WHERE conversation_id = :cid AND user_id = :uid)
@@ -265,7 +266,7 @@ WITH who AS (
          reply_to_id, created_at)
     SELECT :mid, :cid, last_seq + 1, last_seq + 1, :uid, :content, :cmid, :reply, :now
     FROM conv
-    WHERE conv.last_seq = (SELECT last_seq FROM prior)
+    WHERE conv.member_seq = (SELECT member_seq FROM prior)
     ON CONFLICT (conversation_id, sender_id, client_msg_id) DO NOTHING
     RETURNING seq
 ), taken AS (
@@ -289,7 +290,7 @@ WITH who AS (
 )
 SELECT who.username, who.display_name,
        (SELECT seq FROM msg) AS seq, conv.kind,
-       conv.last_seq = (SELECT last_seq FROM prior) AS settled,
+       conv.member_seq = (SELECT member_seq FROM prior) AS settled,
        others.min_read, others.min_delivered
 FROM who
 LEFT JOIN conv ON true

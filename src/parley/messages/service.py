@@ -234,9 +234,9 @@ async def _send_pg(
     )
     sent = await repository.send_message(session, message, principal.session_id)
     if sent is not None and sent.kind is not None and not sent.settled:
-        # Another writer took a seq while this send waited for the conversation's lock,
-        # so the membership the statement checked may have changed since and it stored
-        # nothing. It holds the lock now: run again, it sees what no one can change.
+        # The members changed while this send waited for the conversation's lock, so
+        # the membership the statement checked may be stale and it stored nothing. It
+        # holds the lock now: run again, it sees what no one can change meanwhile.
         sent = await repository.send_message(session, message, principal.session_id)
     if sent is None:
         raise Unauthorized("The session has ended")
@@ -303,8 +303,8 @@ async def do_send_message_autocommit(
     The statement checks the session itself, so the caller need not. Publishes the
     message and answers the sender's view of it; None when the send is not one the
     statement takes alone (sends_autocommit) or it declined, having stored nothing (a
-    known client_msg_id, or a wait behind another writer), and do_send_message_view
-    must send it."""
+    known client_msg_id, or a change of members while it waited for the conversation's
+    lock), and do_send_message_view must send it."""
     if not sends_autocommit(db, data):
         return None
     message = _Stored(

@@ -27,6 +27,10 @@ class Conversation(IdMixin, TimestampMixin, Base):
     # writers and a rollback gives the number back (no gaps).
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     member_count: Mapped[int] = mapped_column(Integer, default=0)
+    # The seq of the latest change of who the members are. A send that waited for this
+    # row's lock compares it with what its snapshot saw: only when it moved can the
+    # membership it checked be stale (parley.messages.repository.SEND_SQL).
+    member_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_activity_at: Mapped[datetime] = mapped_column(default=utcnow)
     deleted_at: Mapped[datetime | None]
 
