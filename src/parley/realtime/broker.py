@@ -41,6 +41,11 @@ class Broker(Protocol):
     async def close(self) -> None: ...
 
 
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class MemoryBroker:
     """In-process: publish hands the message to this process's hub on the next loop turn,
     in publish order, as a pub/sub round trip would."""
@@ -98,6 +103,10 @@ class RedisBroker:
         self._on_message: OnMessage | None = None
         self._on_reconnect: OnReconnect | None = None
         self._closed = False
+        # Publishes waiting for the one in flight: they go out together.
+        self._batch: list[tuple[str, bytes]] = []
+        self._batch_sent: asyncio.Future[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
 
     async def start(self, on_message: OnMessage, on_reconnect: OnReconnect) -> None:
         self._on_message = on_message
@@ -107,7 +116,40 @@ class RedisBroker:
             await asyncio.wait_for(self._connected.wait(), SUBSCRIBE_TIMEOUT)
 
     async def publish(self, channel: str, data: bytes) -> None:
-        await self._publisher.publish(self._prefix + channel, data)
+        """Publish, returning once Redis took it. Publishes made while another is in
+        flight go out together in one pipeline: one round trip and one write for many
+        sends under load, in the order they were made."""
+        sent = self._batch_sent
+        if sent is None:
+            sent = self._batch_sent = asyncio.get_running_loop().create_future()
+            # Read here if every publisher of the batch has gone (cancelled).
+            sent.add_done_callback(_retrieve)
+        self._batch.append((self._prefix + channel, data))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_batches(), name="parley-redis-publish")
+        # Shielded: a cancelled publisher must not cancel the others' batch.
+        await asyncio.shield(sent)
+
+    async def _send_batches(self) -> None:
+        try:
+            while self._batch:
+                batch, sent = self._batch, self._batch_sent
+                self._batch, self._batch_sent = [], None
+                assert sent is not None
+                try:
+                    async with self._publisher.pipeline(transaction=False) as pipe:
+                        for name, data in batch:
+                            pipe.publish(name, data)
+                        await pipe.execute()
+                except Exception as exc:
+                    sent.set_exception(exc)
+                except BaseException:
+                    sent.cancel()  # the process is going down: no one waits forever
+                    raise
+                else:
+                    sent.set_result(None)
+        finally:
+            self._sender = None
 
     async def subscribe(self, channels: Iterable[str]) -> None:
         new = [c for c in channels if c not in self._channels]
@@ -153,6 +195,9 @@ class RedisBroker:
 
     async def close(self) -> None:
         self._closed = True
+        if self._sender is not None:
+            with contextlib.suppress(Exception):
+                await self._sender
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
