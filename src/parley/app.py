@@ -98,13 +98,14 @@ def create_app(settings: Settings | None = None) -> ParleyApp:
     install_error_handlers(app)
 
     # Routers carry the full /api/v1 path themselves so that a matched route knows its
-    # whole template (metrics and logs label requests by it).
+    # whole template (metrics and logs label requests by it). No two routers' paths
+    # overlap, and requests try the routes in order: the busiest come first.
     for router in (
+        messages_router,
+        conversations_router,
         auth_router,
         users_router,
         admin_router,
-        conversations_router,
-        messages_router,
         realtime_router,
         sse_router,
     ):
