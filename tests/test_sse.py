@@ -407,14 +407,22 @@ async def test_resume_on_stream_is_exact_across_conversations(
 async def test_events_racing_the_handshake_are_neither_lost_nor_doubled(
     streams: Streams, alice: User, bob: User, room: dict[str, Any]
 ) -> None:
-    async def flood() -> list[dict[str, Any]]:
-        return [await send(alice, room["id"], f"flood {i}") for i in range(30)]
+    async def flood(opened: asyncio.Event) -> list[dict[str, Any]]:
+        """Sends from before the stream opens until well after it is ready."""
+        sent = [await send(alice, room["id"], "flood first")]
+        while not opened.is_set():
+            sent.append(await send(alice, room["id"], f"flood {len(sent)}"))
+        for i in range(10):
+            sent.append(await send(alice, room["id"], f"flood after {i}"))
+        return sent
 
     # A fresh stream opened mid-flood: its ready id stands just below its first event.
-    sending = asyncio.create_task(flood())
+    opened = asyncio.Event()
+    sending = asyncio.create_task(flood(opened))
     await asyncio.sleep(0.05)
     b = await streams.open(bob)
     ready = await b.ready()
+    opened.set()
     sent = await sending
     seen = [e.data["seq"] for e in await b.quiet(1.0)]
     assert seen and seen == list(range(seen[0], sent[-1]["seq"] + 1))
@@ -425,10 +433,12 @@ async def test_events_racing_the_handshake_are_neither_lost_nor_doubled(
     await b.close()
 
     # A resume opened mid-flood: replay and live traffic meet without a hole or a double.
-    sending = asyncio.create_task(flood())
+    opened = asyncio.Event()
+    sending = asyncio.create_task(flood(opened))
     await asyncio.sleep(0.05)
     b = await streams.open(bob, last_event_id=ready.id)
     await b.ready()
+    opened.set()
     more = await sending
     got = [e.data["seq"] for e in await b.quiet(1.0)]
     assert got == seen + [m["seq"] for m in more]
