@@ -15,6 +15,8 @@ KEYS = [
     "send.pgbench_tps",
     "send.ratio",
     "send.vs_pgbench",
+    "send.pgbench_send_statement_tps",
+    "send.vs_send_statement",
     "fanout.parley_deliveries_per_s",
     "fanout.baseline_deliveries_per_s",
     "fanout.ratio",
@@ -99,20 +101,25 @@ def plot(results: dict[str, Any]) -> None:
     if "levels" in send:
         levels = sorted(send["levels"], key=int)
         fig, ax = plt.subplots(figsize=(7, 4))
-        width = 0.27
+        width = 0.2
         xs = range(len(levels))
         for offset, (label, key, spread) in enumerate(
             [
                 ("Parley", "parley_per_s", "parley_spread"),
                 ("bare ASGI + asyncpg", "baseline_per_s", "baseline_spread"),
                 ("pgbench INSERT", "pgbench_tps", "pgbench_spread"),
+                (
+                    "pgbench, Parley's send statement",
+                    "pgbench_send_statement_tps",
+                    "pgbench_send_statement_spread",
+                ),
             ]
         ):
             heights = [send["levels"][lv][key] for lv in levels]
             lows = [send["levels"][lv][key] - send["levels"][lv][spread]["min"] for lv in levels]
             highs = [send["levels"][lv][spread]["max"] - send["levels"][lv][key] for lv in levels]
             ax.bar(
-                [x + (offset - 1) * width for x in xs],
+                [x + (offset - 1.5) * width for x in xs],
                 heights,
                 width,
                 yerr=[lows, highs],

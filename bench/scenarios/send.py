@@ -6,6 +6,10 @@
   INSERT per POST, under the same uvicorn settings.
 - pgbench: a single-row INSERT script at the same concurrency on the same PostgreSQL,
   the database's own limit.
+- pgbench running Parley's own send statement (parley.messages.repository.SEND_SQL),
+  each client into its own room as Parley's senders: what PostgreSQL alone can do of
+  the work a Parley send is, with no Python in the way. It is the ceiling of the
+  Parley figure on this machine.
 
 Each measurement is repeated; the JSON carries the median, the plot the spread.
 """
@@ -22,8 +26,10 @@ from typing import Any
 
 import asyncpg
 import httpx
+import jwt
 
 from bench.common import (
+    BenchUser,
     Database,
     free_port,
     fresh_database,
@@ -35,6 +41,7 @@ from bench.common import (
     summary,
 )
 from bench.loadgen import HttpTarget, http_closed_loop
+from parley.messages.repository import SEND_SQL
 
 # Connections left free for anything else while pgbench runs (monitoring, psql).
 PGBENCH_SPARE_CONNECTIONS = 3
@@ -73,12 +80,62 @@ async def _free_connections(db: Database) -> int:
     return limit - reserved - used
 
 
-async def _pgbench(db: Database, concurrency: int, seconds: int) -> tuple[float, int]:
+def send_statement_script() -> str:
+    """Parley's send statement as a pgbench script: pgbench client n sends as the n-th
+    sender into that sender's room (the send_targets table), a fresh message id each
+    time. Its parameters come from one materialized row, as a prepared statement's
+    would."""
+    sql = SEND_SQL.replace(
+        "WITH who AS",
+        "WITH t AS MATERIALIZED (\n"
+        "    SELECT uid, sid, cid, gen_random_uuid() AS mid, now() AS now\n"
+        "    FROM send_targets WHERE client_id = :client_id\n"
+        "), who AS",
+        1,
+    )
+    values = {
+        "uid": "(SELECT uid FROM t)",
+        "sid": "(SELECT sid FROM t)",
+        "cid": "(SELECT cid FROM t)",
+        "mid": "(SELECT mid FROM t)",
+        "now": "(SELECT now FROM t)",
+        "content": "'hello'",
+        "cmid": "NULL::text",
+        "reply": "NULL::uuid",
+    }
+    sql = re.sub(r":(" + "|".join(values) + r")\b", lambda m: values[m[1]], sql)
+    # pgbench reads a command up to its semicolon; comments would confuse it.
+    lines = (line.split("--")[0].rstrip() for line in sql.splitlines())
+    return "\n".join(line for line in lines if line) + ";\n"
+
+
+async def _send_targets(db: Database, users: list[BenchUser], rooms: list[str]) -> None:
+    conn = await asyncpg.connect(**db.params, timeout=10)
+    try:
+        await conn.execute(
+            "CREATE TABLE send_targets (client_id int PRIMARY KEY, uid uuid, sid uuid, cid uuid)"
+        )
+        await conn.executemany(
+            "INSERT INTO send_targets VALUES ($1, $2, $3, $4)",
+            [
+                (i, user.id, jwt.decode(user.token, options={"verify_signature": False})["sid"],
+                 room)
+                for i, (user, room) in enumerate(zip(users, rooms, strict=True))
+            ],
+        )  # fmt: skip
+    finally:
+        await conn.close()
+
+
+async def _pgbench(
+    db: Database, concurrency: int, seconds: int, script_text: str = PGBENCH_SCRIPT,
+    *, prepared: bool = False,
+) -> tuple[float, int]:
     """pgbench TPS at `concurrency` clients, or as many as PostgreSQL has room for (a
     default server allows 100 connections, fewer than the full run's 128); (tps, clients)."""
     clients = min(concurrency, await _free_connections(db) - PGBENCH_SPARE_CONNECTIONS)
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
-        script.write(PGBENCH_SCRIPT)
+        script.write(script_text)
     params = db.params
     args = [
         "pgbench",
@@ -89,6 +146,7 @@ async def _pgbench(db: Database, concurrency: int, seconds: int) -> tuple[float,
         "-c", str(clients),
         "-j", str(min(clients, 2)),
         "-T", str(seconds),
+        "-M", "prepared" if prepared else "simple",
         "-f", script.name,
         params["database"],
     ]  # fmt: skip
@@ -128,6 +186,8 @@ async def run(quick: bool) -> dict[str, Any]:
                     )
                     resp.raise_for_status()
                     rooms.append(resp.json()["id"])
+            await _send_targets(db, users, rooms)
+            statement = send_statement_script()
             for level in levels:
                 parley_targets = [
                     HttpTarget(parley.port, f"/api/v1/conversations/{rooms[i]}/messages",
@@ -142,6 +202,7 @@ async def run(quick: bool) -> dict[str, Any]:
                 runs: dict[str, list[dict[str, Any]]] = {"parley": [], "bare": []}
                 pg_tps: list[float] = []
                 pg_clients: list[int] = []
+                statement_tps: list[float] = []
                 for r in range(repeats):
                     progress(f"send: concurrency {level}, round {r + 1}/{repeats}")
                     runs["bare"].append(await _measure(bare_targets, seconds, warmup, bare))
@@ -149,13 +210,19 @@ async def run(quick: bool) -> dict[str, Any]:
                     tps, clients = await _pgbench(db, level, int(seconds))
                     pg_tps.append(tps)
                     pg_clients.append(clients)
-                results["levels"][str(level)] = _summarize(runs, pg_tps)
+                    tps, clients = await _pgbench(
+                        db, level, int(seconds), statement, prepared=True
+                    )
+                    statement_tps.append(tps)
+                    pg_clients.append(clients)
+                results["levels"][str(level)] = _summarize(runs, pg_tps, statement_tps)
                 results["levels"][str(level)]["pgbench_clients"] = min(pg_clients)
                 level_result = results["levels"][str(level)]
                 progress(
                     f"send: c={level} parley {level_result['parley_per_s']:.0f}/s, "
                     f"bare {level_result['baseline_per_s']:.0f}/s, "
-                    f"pgbench {level_result['pgbench_tps']:.0f} tps "
+                    f"pgbench {level_result['pgbench_tps']:.0f} tps, "
+                    f"pgbench send statement {level_result['pgbench_send_statement_tps']:.0f} tps "
                     f"({level_result['pgbench_clients']} clients), "
                     f"ratio {level_result['ratio']:.2f}"
                 )
@@ -170,6 +237,8 @@ async def run(quick: bool) -> dict[str, Any]:
             "pgbench_tps": headline["pgbench_tps"],
             "ratio": headline["ratio"],
             "vs_pgbench": headline["vs_pgbench"],
+            "pgbench_send_statement_tps": headline["pgbench_send_statement_tps"],
+            "vs_send_statement": headline["vs_send_statement"],
             "p50_ms": headline["parley_p50_ms"],
             "p99_ms": headline["parley_p99_ms"],
             "goal": 0.5,
@@ -178,10 +247,13 @@ async def run(quick: bool) -> dict[str, Any]:
     return results
 
 
-def _summarize(runs: dict[str, list[dict[str, Any]]], pg_tps: list[float]) -> dict[str, Any]:
+def _summarize(
+    runs: dict[str, list[dict[str, Any]]], pg_tps: list[float], statement_tps: list[float]
+) -> dict[str, Any]:
     parley = [r["per_s"] for r in runs["parley"]]
     bare = [r["per_s"] for r in runs["bare"]]
     ratios = [p / b for p, b in zip(parley, bare, strict=True) if b]
+    statement_median = statistics.median(statement_tps)
     return {
         "parley_per_s": statistics.median(parley),
         "baseline_per_s": statistics.median(bare),
@@ -192,6 +264,9 @@ def _summarize(runs: dict[str, list[dict[str, Any]]], pg_tps: list[float]) -> di
         "parley_spread": summary(parley),
         "baseline_spread": summary(bare),
         "pgbench_spread": summary(pg_tps),
+        "pgbench_send_statement_tps": statement_median,
+        "pgbench_send_statement_spread": summary(statement_tps),
+        "vs_send_statement": statistics.median(parley) / statement_median,
         "parley_p50_ms": statistics.median(r["p50_ms"] for r in runs["parley"]),
         "parley_p99_ms": statistics.median(r["p99_ms"] for r in runs["parley"]),
         "baseline_p50_ms": statistics.median(r["p50_ms"] for r in runs["bare"]),
