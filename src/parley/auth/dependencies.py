@@ -39,8 +39,8 @@ async def get_claims(
     token: Annotated[str | None, Depends(oauth2_scheme)],
 ) -> AccessClaims:
     """A verified access token whose session is not checked here: for an endpoint that
-    checks it in its own statement (the send, parley.messages.pgsend). Its per-request
-    limit is taken before the session is known to be live."""
+    checks it in its own statement (the send, parley.messages.service.do_send). Its
+    per-request limit is taken before the session is known to be live."""
     if not token:
         raise Unauthorized()
     claims = decode_access_token(settings.signing_key, token)

@@ -14,7 +14,6 @@ from parley.auth import repository
 from parley.auth.schemas import RegisterIn, TicketOut, TokenOut
 from parley.auth.security import (
     TICKET_TTL_SECONDS,
-    AccessClaims,
     PasswordHasher,
     decode_access_token,
     issue_access_token,
@@ -206,16 +205,18 @@ async def do_issue_ticket(session: AsyncSession, principal: Principal) -> Ticket
 async def access_principal_by_token(
     session: AsyncSession, settings: Settings, token: str
 ) -> Principal:
-    return await access_principal_by_claims(
-        session, decode_access_token(settings.signing_key, token)
-    )
+    claims = decode_access_token(settings.signing_key, token)
+    return await access_principal(session, claims.user_id, claims.session_id)
 
 
-async def access_principal_by_claims(session: AsyncSession, claims: AccessClaims) -> Principal:
-    user = await repository.get_active_user_for_session(session, claims.user_id, claims.session_id)
+async def access_principal(
+    session: AsyncSession, user_id: uuid.UUID, session_id: uuid.UUID
+) -> Principal:
+    """The caller of a live session, whose credential was verified already."""
+    user = await repository.get_active_user_for_session(session, user_id, session_id)
     if user is None:
         raise Unauthorized("The session has ended")
-    return Principal(user=user, session_id=claims.session_id)
+    return Principal(user=user, session_id=session_id)
 
 
 async def access_principal_by_ticket(session: AsyncSession, ticket: str) -> Principal:
@@ -223,7 +224,4 @@ async def access_principal_by_ticket(session: AsyncSession, ticket: str) -> Prin
     row = await repository.consume_ticket(session, token_hash(ticket))
     if row is None:
         raise Unauthorized("The ticket is invalid, expired or already used")
-    user = await repository.get_active_user_for_session(session, row.user_id, row.session_id)
-    if user is None:
-        raise Unauthorized("The session has ended")
-    return Principal(user=user, session_id=row.session_id)
+    return await access_principal(session, row.user_id, row.session_id)

@@ -9,9 +9,8 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import AfterValidator
 
 from parley.auth.dependencies import CurrentUser, TokenClaims
-from parley.auth.service import access_principal_by_claims
 from parley.config import API_PREFIX
-from parley.db.session import Database, SessionDep
+from parley.db.session import SessionDep
 from parley.deps import SettingsDep
 from parley.errors import error_responses
 from parley.messages import service
@@ -56,20 +55,11 @@ async def send_message(
 ) -> Response:
     limiter: RateLimiter = request.app.state.rate_limiter
     await limiter.check(limiter.send, "send", claims.user_id.hex)
-    service.check_send(settings, body)
-    db: Database = request.app.state.db
     # No request-scoped session here: the common send is one statement that checks the
     # session itself, and only the others open a transaction.
-    created = True
-    view = await service.do_send_message_autocommit(
-        db, claims.user_id, claims.session_id, conversation_id, body
+    view, created = await service.do_send(
+        request.app.state.db, settings, claims.user_id, claims.session_id, conversation_id, body
     )
-    if view is None:
-        async with db.transaction() as session:
-            principal = await access_principal_by_claims(session, claims)
-            view, created = await service.do_send_message_view(
-                session, settings, principal, conversation_id, body
-            )
     # The view is a MessageOut made by the service already: serialized here as FastAPI
     # would, without validating it against the response model a second time.
     return Response(

@@ -17,7 +17,7 @@ from typing import TypeVar
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from parley.auth.service import Principal
+from parley.auth.service import Principal, access_principal
 from parley.config import Settings
 from parley.conversations import repository as conversations_repository
 from parley.conversations.service import (
@@ -330,6 +330,26 @@ async def do_send_message_autocommit(
     if sent.kind != "room":
         status = message_status(sent.seq, (sent.min_read, sent.min_delivered))
     return message_view(stored, sender, [], status)
+
+
+async def do_send(
+    db: Database,
+    settings: Settings,
+    user_id: uuid.UUID,
+    session_id: uuid.UUID,
+    conversation_id: uuid.UUID,
+    data: MessageCreate,
+) -> tuple[MessageOut, bool]:
+    """A send by the caller of a session whose credential was verified (REST and the
+    WebSocket `send` op): the statement alone when it takes the send, else a
+    transaction that checks the session first. (the sender's view, created)."""
+    check_send(settings, data)
+    view = await do_send_message_autocommit(db, user_id, session_id, conversation_id, data)
+    if view is not None:
+        return view, True
+    async with db.transaction() as session:
+        principal = await access_principal(session, user_id, session_id)
+        return await do_send_message_view(session, settings, principal, conversation_id, data)
 
 
 async def _insert_message_txn(

@@ -456,15 +456,9 @@ class Gateway:
                 reply_to_id=op.reply_to_id,
                 attachment_ids=op.attachment_ids,
             )
-            messages.check_send(self.settings, data)
-            view = await messages.do_send_message_autocommit(
-                self.db, principal.id, principal.session_id, conversation_id, data
+            view, _ = await messages.do_send(
+                self.db, self.settings, principal.id, principal.session_id, conversation_id, data
             )
-            if view is None:
-                async with self.db.transaction() as session:
-                    view, _ = await messages.do_send_message_view(
-                        session, self.settings, principal, conversation_id, data
-                    )
             conn.send(serialize(AckEvent(ref=op.ref, message=view)))
         elif isinstance(op, EditOp):
             async with self.db.transaction() as session:
