@@ -344,6 +344,10 @@ async def _run_size(
             )
 
         parley_steps = await _ladder(p_load, parley, "parley", ladder, per_room, seconds, 0)
+        # The other server's backlog must be gone before each of these steps: a server
+        # still draining one (seconds of it past the bare server's knee) takes CPU from
+        # the one measured.
+        await p_load.quiet(idle=0.5, limit=30)
         bare_steps = await _ladder(b_load, bare, "baseline", ladder, per_room, seconds, 200)
         p_knee = max(parley_steps, key=lambda s: s["deliveries_per_s"])["offered_per_s"]
         b_knee = max(bare_steps, key=lambda s: s["deliveries_per_s"])["offered_per_s"]
@@ -353,7 +357,9 @@ async def _run_size(
                 (p_load, parley, "parley", p_knee, parley_steps, 50),
                 (b_load, bare, "baseline", b_knee, bare_steps, 250),
             ):
-                await load.quiet(idle=0.3, limit=20)
+                await asyncio.gather(
+                    p_load.quiet(idle=0.5, limit=30), b_load.quiet(idle=0.5, limit=30)
+                )
                 step = await _step(load, server, name, base_id + r, rate, per_room, seconds)
                 step["repeat"] = r + 2
                 steps.append(step)
@@ -363,7 +369,7 @@ async def _run_size(
         bare_rate = statistics.median(b_rates)
         knee_rate = parley_rate / per_room
         half_rate = round(knee_rate / 2, 1)
-        await p_load.quiet(idle=0.5, limit=30)
+        await asyncio.gather(p_load.quiet(idle=0.5, limit=30), b_load.quiet(idle=0.5, limit=30))
         half = await _step(p_load, parley, "parley", 100, half_rate, per_room, seconds)
         half["half_knee"] = True
         parley_steps.append(half)
