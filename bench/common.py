@@ -165,15 +165,15 @@ class Server:
                 self.proc.wait()
 
 
-async def wait_http(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_http(url: str, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
     async with httpx.AsyncClient(timeout=2) as client:
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.TransportError):
                 if (await client.get(url)).status_code < 500:
                     return
             await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up within {timeout} s")
+    raise RuntimeError(f"{url} did not come up within {within} s")
 
 
 def parley_env(db: Database, **extra: str) -> dict[str, str]:
@@ -196,16 +196,27 @@ def parley_env(db: Database, **extra: str) -> dict[str, str]:
     }
 
 
+def _spawn(
+    args: list[str], env: dict[str, str], log_path: Path, cwd: Path
+) -> subprocess.Popen[bytes]:
+    """Start a server that outlives this call (Server.stop ends it), its stderr in a log.
+
+    A plain Popen: the servers are stopped from synchronous cleanup, and starting one is
+    a fork and exec, once per scenario, before anything is measured."""
+    with log_path.open("wb") as log:
+        # The command lines are the bench's own, never outside input.
+        return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log, cwd=cwd)  # noqa: S603
+
+
 async def start_parley(db: Database, *, name: str = "parley", **env: str) -> Server:
     port = free_port()
     log_path = RESULTS / f"{name}.log"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
+    proc = _spawn(
         [sys.executable, "-m", "parley", "serve", "--port", str(port)],
-        env=parley_env(db, **env),
-        stdout=subprocess.DEVNULL,
-        stderr=log_path.open("wb"),
-        cwd=str(RESULTS),
+        parley_env(db, **env),
+        log_path,
+        RESULTS,
     )
     server = Server(name, port, proc, log_path)
     try:
@@ -223,13 +234,7 @@ async def start_process(
     port = int(next(a for a in args if a.isdigit()))
     log_path = RESULTS / f"{name}.log"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        args,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=log_path.open("wb"),
-        cwd=str(ROOT),
-    )
+    proc = _spawn(args, {**os.environ, **(env or {})}, log_path, ROOT)
     server = Server(name, port, proc, log_path)
     if ready_url:
         try:
@@ -242,8 +247,8 @@ async def start_process(
     return server
 
 
-async def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_port(port: int, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -251,7 +256,7 @@ async def wait_port(port: int, timeout: float = 30.0) -> None:
             return
         except OSError:
             await asyncio.sleep(0.05)
-    raise RuntimeError(f"port {port} did not open within {timeout} s")
+    raise RuntimeError(f"port {port} did not open within {within} s")
 
 
 # -- users ------------------------------------------------------------------------------

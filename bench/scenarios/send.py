@@ -21,7 +21,6 @@ import re
 import statistics
 import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -128,33 +127,38 @@ async def _send_targets(db: Database, users: list[BenchUser], rooms: list[str]) 
 
 
 async def _pgbench(
-    db: Database, concurrency: int, seconds: int, script_text: str = PGBENCH_SCRIPT,
-    *, prepared: bool = False,
+    db: Database,
+    concurrency: int,
+    seconds: int,
+    script_text: str = PGBENCH_SCRIPT,
+    *,
+    prepared: bool = False,
 ) -> tuple[float, int]:
     """pgbench TPS at `concurrency` clients, or as many as PostgreSQL has room for (a
     default server allows 100 connections, fewer than the full run's 128); (tps, clients)."""
     clients = min(concurrency, await _free_connections(db) - PGBENCH_SPARE_CONNECTIONS)
-    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
-        script.write(script_text)
     params = db.params
-    args = [
-        "pgbench",
-        "-n",
-        "-h", params["host"],
-        "-p", str(params["port"]),
-        "-U", params["user"],
-        "-c", str(clients),
-        "-j", str(min(clients, 2)),
-        "-T", str(seconds),
-        "-M", "prepared" if prepared else "simple",
-        "-f", script.name,
-        params["database"],
-    ]  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await proc.communicate()
-    Path(script.name).unlink(missing_ok=True)
+    # The script lives as long as this block: pgbench reads it by name.
+    with tempfile.NamedTemporaryFile("w", suffix=".sql") as script:
+        script.write(script_text)
+        script.flush()
+        args = [
+            "pgbench",
+            "-n",
+            "-h", params["host"],
+            "-p", str(params["port"]),
+            "-U", params["user"],
+            "-c", str(clients),
+            "-j", str(min(clients, 2)),
+            "-T", str(seconds),
+            "-M", "prepared" if prepared else "simple",
+            "-f", script.name,
+            params["database"],
+        ]  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await proc.communicate()
     match = re.search(rb"tps = ([0-9.]+)", out)
     if proc.returncode != 0 or match is None:
         raise RuntimeError(f"pgbench failed: {err.decode()[-500:]}")
@@ -210,9 +214,7 @@ async def run(quick: bool) -> dict[str, Any]:
                     tps, clients = await _pgbench(db, level, int(seconds))
                     pg_tps.append(tps)
                     pg_clients.append(clients)
-                    tps, clients = await _pgbench(
-                        db, level, int(seconds), statement, prepared=True
-                    )
+                    tps, clients = await _pgbench(db, level, int(seconds), statement, prepared=True)
                     statement_tps.append(tps)
                     pg_clients.append(clients)
                 results["levels"][str(level)] = _summarize(runs, pg_tps, statement_tps)
