@@ -75,7 +75,7 @@ class Database:
     @asynccontextmanager
     async def driver_connection(self) -> AsyncIterator[Any]:
         """A pooled connection of the driver itself (asyncpg), outside any transaction,
-        for a statement that is its own (parley.messages.pgsend)."""
+        for a statement that is its own transaction (parley.messages.service.do_send)."""
         raw = await self.engine.raw_connection()
         try:
             yield raw.driver_connection

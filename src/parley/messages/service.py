@@ -143,26 +143,22 @@ async def do_send_message(
     return await _send_portable(session, principal, conversation_id, data)
 
 
-async def do_send_message_view(
-    session: AsyncSession,
-    settings: Settings,
-    principal: Principal,
-    conversation_id: uuid.UUID,
-    data: MessageCreate,
+async def _send_view_txn(
+    session: AsyncSession, principal: Principal, conversation_id: uuid.UUID, data: MessageCreate
 ) -> tuple[MessageOut, bool]:
-    """do_send_message, and the message as its sender sees it (what build_views gives).
+    """do_send_message for a send do_send checked already, and the message as its sender
+    sees it (what build_views gives).
 
     The common send on PostgreSQL learns all its view needs from its one statement, so
     it makes none of build_views' queries."""
-    check_send(settings, data)
     if _sends_in_one_statement(session, data):
-        message, created, sent = await _send_pg(session, principal, conversation_id, data)
-        if sent is not None:
-            status = None if sent.kind == "room" else message_status(message.seq, sent.markers)
-            mentions = sent.mentions
+        message, created, state = await _send_pg(session, principal, conversation_id, data)
+        if state is not None:
+            mentions = state.mentions
             if len(mentions) > 1:
                 # The order a later read of the message gives.
                 mentions = (await repository.mentions_of(session, [message.id]))[message.id]
+            status = _sender_status(state.sent, message.seq)
             return message_view(message, principal.user, mentions, status), created
     else:
         message, created = await _send_portable(session, principal, conversation_id, data)
@@ -210,9 +206,24 @@ async def _send_portable(
 class _SentState:
     """What the sender's view of a message just created needs beyond the row itself."""
 
-    kind: str
-    markers: Markers
+    sent: repository.Sent
     mentions: list[uuid.UUID]
+
+
+def _admitted(sent: repository.Sent | None) -> repository.Sent:
+    """The send statement's answer, once it is known the sender may send."""
+    if sent is None:
+        raise Unauthorized("The session has ended")
+    if sent.kind is None:
+        raise ConversationNotFound()
+    return sent
+
+
+def _sender_status(sent: repository.Sent, seq: int) -> Status | None:
+    """The sender's status of the message the statement stored at `seq` (§6)."""
+    if sent.kind == "room":
+        return None
+    return message_status(seq, (sent.min_read, sent.min_delivered))
 
 
 async def _send_pg(
@@ -238,12 +249,8 @@ async def _send_pg(
         # the membership the statement checked may be stale and it stored nothing. It
         # holds the lock now: run again, it sees what no one can change meanwhile.
         sent = await repository.send_message(session, message, principal.session_id)
-    if sent is None:
-        raise Unauthorized("The session has ended")
-    if sent.kind is None:
-        raise ConversationNotFound()
+    sent = _admitted(sent)
     assert sent.settled
-    kind, markers = sent.kind, (sent.min_read, sent.min_delivered)
     if sent.seq is None:
         assert data.client_msg_id is not None
         existing = await repository.find_by_client_id(
@@ -257,7 +264,7 @@ async def _send_pg(
         mentioned = await _mentioned_members(session, conversation_id, principal.id, data.content)
         await repository.insert_mentions(session, message, mentioned)
     notify_message(session, "message.created", message, principal.user, mentioned)
-    return message, True, _SentState(kind, markers, mentioned)
+    return message, True, _SentState(sent, mentioned)
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +311,7 @@ async def do_send_message_autocommit(
     message and answers the sender's view of it; None when the send is not one the
     statement takes alone (sends_autocommit) or it declined, having stored nothing (a
     known client_msg_id, or a change of members while it waited for the conversation's
-    lock), and do_send_message_view must send it."""
+    lock), and a transaction must send it."""
     if not sends_autocommit(db, data):
         return None
     message = _Stored(
@@ -316,20 +323,13 @@ async def do_send_message_autocommit(
         created_at=utcnow(),
     )
     async with db.driver_connection() as conn:
-        sent = await repository.send_message_autocommit(conn, message, session_id)
-    if sent is None:
-        raise Unauthorized("The session has ended")
-    if sent.kind is None:
-        raise ConversationNotFound()
+        sent = _admitted(await repository.send_message_autocommit(conn, message, session_id))
     if sent.seq is None:
         return None
     stored = dataclasses.replace(message, seq=sent.seq)
     sender = UserRef(id=user_id, username=sent.username, display_name=sent.display_name)
     await db.publish([message_envelope("message.created", stored, sender, [])])
-    status = None
-    if sent.kind != "room":
-        status = message_status(sent.seq, (sent.min_read, sent.min_delivered))
-    return message_view(stored, sender, [], status)
+    return message_view(stored, sender, [], _sender_status(sent, sent.seq))
 
 
 async def do_send(
@@ -349,7 +349,7 @@ async def do_send(
         return view, True
     async with db.transaction() as session:
         principal = await access_principal(session, user_id, session_id)
-        return await do_send_message_view(session, settings, principal, conversation_id, data)
+        return await _send_view_txn(session, principal, conversation_id, data)
 
 
 async def _insert_message_txn(
