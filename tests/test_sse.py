@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ import httpx
 import orjson
 import pytest
 
+from parley.db.base import Base
 from parley.realtime.connection import Connection
 from parley.realtime.sse import MAX_DELTA, EventStream, InvalidLastEventId, Positions
 from tests.conftest import AppFactory, LiveFactory, LiveServer, User, assert_problem, send
@@ -235,6 +237,22 @@ async def test_ready_first_then_a_rest_send_arrives_with_an_id(
     assert event.data["message"]["content"] == "over http"
     assert "status" not in event.data["message"]
     assert event.id is not None and event.id != ready.id
+
+
+async def test_an_open_stream_keeps_no_orm_object_alive(
+    streams: Streams, alice: User, bob: User, room: dict[str, Any]
+) -> None:
+    """As for a WebSocket (§11): the handshake's database objects go once it is done."""
+    b = await streams.open(bob)
+    await b.ready()
+    one = await streams.open(bob, params={"conversation_id": room["id"]})
+    await one.ready()
+    gc.collect()
+    assert [type(o).__name__ for o in gc.get_objects() if isinstance(o, Base)] == []
+    await send(alice, room["id"], "still live")
+    for stream in (b, one):
+        event, _ = await stream.until("message.created")
+        assert event.data["message"]["content"] == "still live"
 
 
 async def test_ephemeral_events_have_no_id(

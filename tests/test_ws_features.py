@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 import uuid
 from typing import Any
 
+import jwt
 import orjson
 import pytest
 import websockets
 import websockets.asyncio.client
 from fastapi import FastAPI
+from sqlalchemy import update
 
+from parley.db.base import Base, utcnow
 from parley.messages.schemas import MessageCreate
 from parley.messages.service import do_send_message
+from parley.models import AuthSession
 from parley.realtime import gateway, presence
 from parley.realtime import hub as hub_module
 from parley.realtime.connection import Connection
@@ -576,6 +581,59 @@ async def test_password_change_closes_the_other_sessions_sockets(
         assert await theirs.closed_with(5) == 4001
     await mine.send(op="ping", ref="still")
     assert await mine.recv() == {"type": "pong", "ref": "still"}
+
+
+async def test_ops_on_a_socket_whose_session_ended_are_refused(
+    app: FastAPI, live: LiveServer, alice: User, group: dict[str, Any]
+) -> None:
+    """Between the session's end and the sweep that closes its sockets, an op that needs
+    the caller is refused, not run on the strength of the handshake."""
+    sent = await send(alice, group["id"], "mine")
+    ws = await open_ws(live, alice)
+    session_id = jwt.decode(alice.access_token, options={"verify_signature": False})["sid"]
+    async with app.state.db.transaction() as session:
+        # Ended behind the hub's back: no revocation event closes the socket at once.
+        await session.execute(
+            update(AuthSession)
+            .where(AuthSession.id == uuid.UUID(session_id))
+            .values(ended_at=utcnow())
+        )
+    cid = group["id"]
+    ops: list[dict[str, Any]] = [
+        {"op": "typing", "conversation_id": cid, "is_typing": True},
+        {"op": "read", "conversation_id": cid, "seq": sent["seq"]},
+        {"op": "edit", "message_id": sent["id"], "content": "changed"},
+        {"op": "delete", "message_id": sent["id"]},
+        {"op": "history", "conversation_id": cid},
+        {"op": "send", "conversation_id": cid, "content": "after"},
+    ]
+    for n, op in enumerate(ops):
+        await ws.send(**op, ref=n)
+        error, _ = await ws.until("error")
+        assert (error["code"], error["ref"]) == ("unauthorized", n), op
+    resp = await Client(app, (await login(app, alice))["access_token"]).get(
+        f"/conversations/{cid}/messages"
+    )
+    assert [(m["content"], m["deleted"]) for m in resp.json()["messages"]] == [("mine", False)]
+
+
+async def test_an_idle_socket_keeps_no_orm_object_alive(
+    live: LiveServer, alice: User, bob: User, group: dict[str, Any]
+) -> None:
+    """Memory per idle socket (§11): what the handshake loaded from the database (the
+    caller's user and session) is let go of once the socket is open."""
+    await send(bob, group["id"], "unread")
+    sockets = [await open_ws(live, alice), await open_ws(live, bob)]
+    scoped_ws = await live.connect(alice, scoped(group))
+    await scoped_ws.ready()
+    assert (await scoped_ws.recv())["type"] == "backlog"
+    gc.collect()
+    alive = [type(o).__name__ for o in gc.get_objects() if isinstance(o, Base)]
+    assert alive == []
+    for ws in [*sockets, scoped_ws]:
+        await ws.send(op="ping", ref="still")
+        pong, _ = await ws.until("pong")
+        assert pong["ref"] == "still"
 
 
 # -- the one-conversation WebSocket --------------------------------------------------------

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from parley.auth.service import Principal, access_principal_by_token
+from parley.auth.service import Principal, access_principal, access_principal_by_token
 from parley.config import API_PREFIX, Settings
 from parley.conversations.service import access_membership
 from parley.db.session import Database
@@ -145,13 +145,14 @@ class Gateway:
         "bucket",
         "conn",
         "db",
-        "principal",
         "rate_limited",
         "realtime",
         "scope",
+        "session_id",
         "settings",
         "strikes",
         "struck_at",
+        "user_id",
         "ws",
     )
 
@@ -162,7 +163,10 @@ class Gateway:
         self.settings: Settings = state.settings
         self.db: Database = state.db
         self.realtime: Realtime = state.realtime
-        self.principal: Principal | None = None
+        # The caller as two ids, not a Principal: its ORM user would stay alive with the
+        # socket (§11, memory per idle socket) and go stale; each op loads it afresh.
+        self.user_id: uuid.UUID | None = None
+        self.session_id: uuid.UUID | None = None
         self.conn: Connection | None = None
         self._write_frame: Callable[[bytes], bool] | None = None
         self.bucket = TokenBucket(OP_RATE, OP_BURST)
@@ -172,37 +176,15 @@ class Gateway:
 
     # -- handshake ----------------------------------------------------------------------
 
+    @property
+    def _transport(self) -> str:
+        return "ws" if self.scope is None else "ws_conversation"
+
     async def run(self) -> None:
-        if not origin_allowed(self.ws, self.settings):
-            # Refused before accept: the browser sees a 403 (§8).
-            await self.ws.close(code=CLOSE_POLICY)
+        conn = await self._open()
+        if conn is None:
             return
-        await self.ws.accept()
-        try:
-            self.principal = await self._authenticate()
-        except (Unauthorized, TimeoutError, ValueError) as exc:
-            await self._close(CLOSE_UNAUTHORIZED, _reason(exc, "authentication failed"))
-            return
-        except WebSocketDisconnect:
-            return
-        if self.scope is not None and not await self._is_member(self.scope):
-            # Accepted, then closed: a browser sees a close code but never a handshake
-            # status. A conversation that does not exist gets the same answer (§2).
-            await self._close(CLOSE_FORBIDDEN, "not a member of this conversation")
-            return
-        transport = "ws" if self.scope is None else "ws_conversation"
-        try:
-            conn = self.conn = await self.realtime.connect(
-                self.principal, transport=transport, scope=self.scope, hold_scope=True
-            )
-        except TooManyConnections as exc:
-            await self._close(CLOSE_POLICY, exc.detail)
-            return
-        except Exception:
-            # Redis or the database failed under the handshake: say so, the client retries.
-            log.exception("connect_failed")
-            await self._close(CLOSE_INTERNAL, "the server could not register the connection")
-            return
+        transport = self._transport
         try:
             await self._serve()
         except WebSocketDisconnect:
@@ -213,6 +195,50 @@ class Gateway:
             await self.realtime.disconnect(conn, transport=transport)
         if conn.closed:
             await self._close(conn.close_code or 1000, conn.close_reason)
+
+    async def _open(self) -> Connection | None:
+        """The handshake: the registered connection, or None once the socket is refused.
+        The caller's Principal lives only as long as this call."""
+        if not origin_allowed(self.ws, self.settings):
+            # Refused before accept: the browser sees a 403 (§8).
+            await self.ws.close(code=CLOSE_POLICY)
+            return None
+        await self.ws.accept()
+        try:
+            principal = await self._authenticate()
+        except (Unauthorized, TimeoutError, ValueError) as exc:
+            await self._close(CLOSE_UNAUTHORIZED, _reason(exc, "authentication failed"))
+            return None
+        except WebSocketDisconnect:
+            return None
+        self.user_id, self.session_id = principal.id, principal.session_id
+        if self.scope is not None and not await self._is_member(principal, self.scope):
+            # Accepted, then closed: a browser sees a close code but never a handshake
+            # status. A conversation that does not exist gets the same answer (§2).
+            await self._close(CLOSE_FORBIDDEN, "not a member of this conversation")
+            return None
+        try:
+            self.conn = await self.realtime.connect(
+                principal, transport=self._transport, scope=self.scope, hold_scope=True
+            )
+        except TooManyConnections as exc:
+            await self._close(CLOSE_POLICY, exc.detail)
+            return None
+        except Exception:
+            # Redis or the database failed under the handshake: say so, the client retries.
+            log.exception("connect_failed")
+            await self._close(CLOSE_INTERNAL, "the server could not register the connection")
+            return None
+        # The handshake's headers (about 1 KiB) are of no further use, and the scope
+        # lives as long as the socket.
+        self.ws.scope["headers"] = []
+        return self.conn
+
+    async def _principal(self, session: AsyncSession) -> Principal:
+        """The caller, loaded in the op's own transaction; Unauthorized once the session
+        has ended (before the sweep gets to close the socket)."""
+        assert self.user_id is not None and self.session_id is not None
+        return await access_principal(session, self.user_id, self.session_id)
 
     async def _authenticate(self) -> Principal:
         # Parsed here rather than through ws.query_params, which the socket would keep.
@@ -232,11 +258,10 @@ class Gateway:
         async with self.db.transaction() as session:
             return await access_principal_by_token(session, self.settings, op.token)
 
-    async def _is_member(self, conversation_id: uuid.UUID) -> bool:
-        assert self.principal is not None
+    async def _is_member(self, principal: Principal, conversation_id: uuid.UUID) -> bool:
         try:
             async with self.db.transaction(write=False) as session:
-                await access_membership(session, self.principal, conversation_id)
+                await access_membership(session, principal, conversation_id)
         except ParleyError:
             return False
         return True
@@ -245,16 +270,25 @@ class Gateway:
 
     async def _serve(self) -> None:
         conn = self.conn
-        assert conn is not None and self.principal is not None
-        ready = ReadyEvent(
-            user_id=self.principal.id, connection_id=conn.id, heartbeat=HEARTBEAT_SECONDS
-        )
+        assert conn is not None and self.user_id is not None
+        # Serialized in the call: a ReadyEvent kept as a local would live as long as this
+        # frame, that is, as the socket.
         try:
-            await self._send_now(serialize(ready))
+            await self._send_now(
+                serialize(
+                    ReadyEvent(
+                        user_id=self.user_id, connection_id=conn.id, heartbeat=HEARTBEAT_SECONDS
+                    )
+                )
+            )
             if self.scope is not None:
                 await self._send_backlog(self.scope)
         except TimeoutError:
             conn.close(CLOSE_TOO_SLOW, "too slow: reconnect and resume")
+            return
+        except Unauthorized as exc:
+            # The session ended between the handshake and the backlog.
+            conn.close(CLOSE_UNAUTHORIZED, exc.detail)
             return
         frames = self.ws.scope.get("extensions", {}).get(FRAMES_EXTENSION)
         if frames is not None:
@@ -281,11 +315,11 @@ class Gateway:
 
     async def _send_backlog(self, conversation_id: uuid.UUID) -> None:
         conn = self.conn
-        assert conn is not None and self.principal is not None
+        assert conn is not None
         try:
             rows, more, stood_at = await self.realtime.backlog(conn, conversation_id)
             async with self.db.transaction(write=False) as session:
-                views = await messages.build_views(session, self.principal, rows)
+                views = await messages.build_views(session, await self._principal(session), rows)
                 marker = await session.scalar(
                     select(Membership.last_read_seq).where(
                         Membership.conversation_id == conversation_id,
@@ -441,28 +475,30 @@ class Gateway:
         return conversation_id
 
     async def _dispatch(self, op: object) -> None:
-        principal, conn = self.principal, self.conn
-        assert principal is not None and conn is not None
+        conn = self.conn
+        assert conn is not None and self.user_id is not None and self.session_id is not None
         if isinstance(op, PingOp):
             conn.send(serialize(PongEvent(ref=op.ref)))
         elif isinstance(op, SendOp):
             conversation_id = self._conversation(op.conversation_id)
             # The same per-user send limit as REST (§10): both count against one budget.
             limiter = self.ws.app.state.rate_limiter
-            await limiter.check(limiter.send, "send", principal.id.hex)
+            await limiter.check(limiter.send, "send", self.user_id.hex)
             data = MessageCreate(
                 content=op.content,
                 client_msg_id=op.client_msg_id,
                 reply_to_id=op.reply_to_id,
                 attachment_ids=op.attachment_ids,
             )
+            # The send statement checks the session itself: no Principal to load.
             view, _ = await messages.do_send(
-                self.db, self.settings, principal.id, principal.session_id, conversation_id, data
+                self.db, self.settings, self.user_id, self.session_id, conversation_id, data
             )
             conn.send(serialize(AckEvent(ref=op.ref, message=view)))
         elif isinstance(op, EditOp):
             async with self.db.transaction() as session:
-                await self._check_scope(session, op.message_id)
+                principal = await self._principal(session)
+                await self._check_scope(session, principal, op.message_id)
                 message = await messages.do_edit_message(
                     session, self.settings, principal, op.message_id, op.content
                 )
@@ -470,24 +506,27 @@ class Gateway:
             conn.send(serialize(AckEvent(ref=op.ref, message=view)))
         elif isinstance(op, DeleteOp):
             async with self.db.transaction() as session:
-                await self._check_scope(session, op.message_id)
+                principal = await self._principal(session)
+                await self._check_scope(session, principal, op.message_id)
                 message = await messages.do_delete_message(session, principal, op.message_id)
                 view = (await messages.build_views(session, principal, [message]))[0]
             conn.send(serialize(AckEvent(ref=op.ref, message=view)))
         elif isinstance(op, TypingOp):
             conversation_id = self._conversation(op.conversation_id)
             async with self.db.transaction(write=False) as session:
+                principal = await self._principal(session)
                 await self.realtime.set_typing(session, principal, conversation_id, op.is_typing)
         elif isinstance(op, ReadOp):
             conversation_id = self._conversation(op.conversation_id)
             async with self.db.transaction() as session:
+                principal = await self._principal(session)
                 await messages.do_mark_read(session, principal, conversation_id, op.seq)
         elif isinstance(op, HistoryOp):
             conversation_id = self._conversation(op.conversation_id)
             async with self.db.transaction(write=False) as session:
                 page = await messages.list_history(
                     session,
-                    principal,
+                    await self._principal(session),
                     conversation_id,
                     before=op.before,
                     after=op.after,
@@ -506,11 +545,12 @@ class Gateway:
         elif isinstance(op, AuthOp):
             raise OpError("Already authenticated")
 
-    async def _check_scope(self, session: AsyncSession, message_id: uuid.UUID) -> None:
+    async def _check_scope(
+        self, session: AsyncSession, principal: Principal, message_id: uuid.UUID
+    ) -> None:
         if self.scope is None:
             return
-        assert self.principal is not None
-        message, _ = await messages.access_message(session, self.principal, message_id)
+        message, _ = await messages.access_message(session, principal, message_id)
         if message.conversation_id != self.scope:
             raise OpError("This socket is for one conversation only")
 

@@ -4,6 +4,7 @@ credentials (`?ticket=`, `?token=`) that browsers use because they cannot set he
 
 from __future__ import annotations
 
+from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection
 
 from parley.auth.service import Principal, access_principal_by_ticket, access_principal_by_token
@@ -11,9 +12,9 @@ from parley.config import Settings
 from parley.db.session import Database
 
 
-def allowed_origins(conn: HTTPConnection, settings: Settings) -> set[str]:
+def allowed_origins(headers: Headers, settings: Settings) -> set[str]:
     origins = set(settings.ws_allowed_origins or settings.cors_origins)
-    host = conn.headers.get("host")
+    host = headers.get("host")
     if host and settings.ws_allowed_origins is None:
         # The server's own origin (its web page), under either scheme.
         origins |= {f"http://{host}", f"https://{host}"}
@@ -23,8 +24,10 @@ def allowed_origins(conn: HTTPConnection, settings: Settings) -> set[str]:
 def origin_allowed(conn: HTTPConnection, settings: Settings) -> bool:
     """A browser always sends Origin; a request without one is not from a browser page,
     so no other site can be riding on the user's credentials (§8)."""
-    origin = conn.headers.get("origin")
-    return origin is None or origin in allowed_origins(conn, settings)
+    # Parsed here rather than through conn.headers, which a socket would keep.
+    headers = Headers(scope=conn.scope)
+    origin = headers.get("origin")
+    return origin is None or origin in allowed_origins(headers, settings)
 
 
 async def access_principal_by_query(
