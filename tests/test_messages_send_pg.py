@@ -100,8 +100,8 @@ async def test_a_send_that_waited_behind_another_send_takes_the_next_seq(
     earlier = await send(alice, cid, "earlier")
     async with app.state.db.transaction() as session:
         principal = await principal_of(session, app, alice)
-        first, _ = await messages.do_send_message(
-            session, app.state.settings, principal, uuid.UUID(cid), MessageCreate(content="first")
+        first, _ = await messages.send_in_transaction(
+            session, principal, uuid.UUID(cid), MessageCreate(content="first")
         )
         # What only refers to the conversation (a read marker) does not wait for a send.
         read = bob.post(f"/conversations/{cid}/read", json={"seq": earlier["seq"]})
@@ -186,8 +186,8 @@ async def test_a_send_cancelled_while_it_waits_leaves_the_pool_sound(
     cid = group["id"]
     async with app.state.db.transaction() as session:
         principal = await principal_of(session, app, alice)
-        await messages.do_send_message(
-            session, app.state.settings, principal, uuid.UUID(cid), MessageCreate(content="first")
+        await messages.send_in_transaction(
+            session, principal, uuid.UUID(cid), MessageCreate(content="first")
         )
         pending = asyncio.create_task(send(bob, cid, "cancelled"))
         await _wait_for_a_lock_wait(app)

@@ -21,7 +21,7 @@ from sqlalchemy import update
 
 from parley.db.base import Base, utcnow
 from parley.messages.schemas import MessageCreate
-from parley.messages.service import do_send_message
+from parley.messages.service import send_in_transaction
 from parley.models import AuthSession
 from parley.realtime import gateway, presence
 from parley.realtime import hub as hub_module
@@ -80,19 +80,17 @@ async def create_messages(
 ) -> list[int]:
     """`count` messages in one transaction, through the same service the API uses; their
     seqs."""
-    db, settings = app.state.db, app.state.settings
-    async with db.transaction() as session:
+    async with app.state.db.transaction() as session:
         principal = await principal_of(session, app, sender)
         seqs = []
         for i in range(count):
-            message, _ = await do_send_message(
+            view, _ = await send_in_transaction(
                 session,
-                settings,
                 principal,
                 uuid.UUID(conversation_id),
                 MessageCreate(content=content or f"{prefix} {i}"),
             )
-            seqs.append(message.seq)
+            seqs.append(view.seq)
     return seqs
 
 

@@ -127,27 +127,12 @@ def _sends_in_one_statement(session: AsyncSession, data: MessageCreate) -> bool:
     return data.reply_to_id is None and session.get_bind().dialect.name == "postgresql"
 
 
-async def do_send_message(
-    session: AsyncSession,
-    settings: Settings,
-    principal: Principal,
-    conversation_id: uuid.UUID,
-    data: MessageCreate,
-) -> tuple[Message, bool]:
-    """Store a message; (message, created). A retry with a known client_msg_id returns the
-    original with created=False."""
-    check_send(settings, data)
-    if _sends_in_one_statement(session, data):
-        message, created, _ = await _send_pg(session, principal, conversation_id, data)
-        return message, created
-    return await _send_portable(session, principal, conversation_id, data)
-
-
-async def _send_view_txn(
+async def send_in_transaction(
     session: AsyncSession, principal: Principal, conversation_id: uuid.UUID, data: MessageCreate
 ) -> tuple[MessageOut, bool]:
-    """do_send_message for a send do_send checked already, and the message as its sender
-    sees it (what build_views gives).
+    """Store a message within the session's transaction, for a send check_send passed;
+    (the message as its sender sees it, as build_views gives it; created). A retry with a
+    known client_msg_id answers the original with created=False.
 
     The common send on PostgreSQL learns all its view needs from its one statement, so
     it makes none of build_views' queries."""
@@ -349,7 +334,7 @@ async def do_send(
         return view, True
     async with db.transaction() as session:
         principal = await access_principal(session, user_id, session_id)
-        return await _send_view_txn(session, principal, conversation_id, data)
+        return await send_in_transaction(session, principal, conversation_id, data)
 
 
 async def _insert_message_txn(
