@@ -250,8 +250,8 @@ class RedisPresence:
     async def _live_totals(
         self, user_ids: Sequence[uuid.UUID], per_user: Sequence[dict[bytes, bytes]]
     ) -> dict[uuid.UUID, int]:
-        """Sum each user's counts over the processes still alive (a crashed process's
-        entries stay until someone cleans up; its expired key says to ignore them)."""
+        """Sum each user's counts over the processes still alive: a crashed process's
+        heartbeat key has expired, which says to ignore its entries (and clear them)."""
         processes = sorted({p for entry in per_user for p in entry})
         alive: set[bytes] = set()
         if processes:
@@ -261,10 +261,29 @@ class RedisPresence:
                 for process, exists in zip(processes, await pipe.execute(), strict=True):
                     if exists:
                         alive.add(process)
+        if len(alive) < len(processes):
+            await self._clear_dead(user_ids, per_user, alive)
         return {
             user_id: sum(int(n) for p, n in entry.items() if p in alive)
             for user_id, entry in zip(user_ids, per_user, strict=True)
         }
+
+    async def _clear_dead(
+        self,
+        user_ids: Sequence[uuid.UUID],
+        per_user: Sequence[dict[bytes, bytes]],
+        alive: set[bytes],
+    ) -> None:
+        """Delete the entries of processes that died without cleaning up; otherwise the
+        hash of every user they served keeps them for ever. A process that was only late
+        with its heartbeat writes its counts again at its next refresh."""
+        with contextlib.suppress(Exception):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for user_id, entry in zip(user_ids, per_user, strict=True):
+                    dead = [p for p in entry if p not in alive]
+                    if dead:
+                        pipe.hdel(self._user_key(user_id), *dead)
+                await pipe.execute()
 
 
 class RedisTyping:
