@@ -9,20 +9,18 @@ import contextlib
 import gc
 import socket
 import uuid
+from datetime import timedelta
 from typing import Any
 
-import jwt
 import orjson
 import pytest
 import websockets
 import websockets.asyncio.client
 from fastapi import FastAPI
-from sqlalchemy import update
 
 from parley.db.base import Base, utcnow
 from parley.messages.schemas import MessageCreate
 from parley.messages.service import send_in_transaction
-from parley.models import AuthSession
 from parley.realtime import gateway, presence
 from parley.realtime import hub as hub_module
 from parley.realtime.connection import Connection
@@ -39,6 +37,7 @@ from tests.conftest import (
     principal_of,
     send,
 )
+from tests.test_auth import set_session_expiry
 
 # -- helpers ----------------------------------------------------------------------------
 
@@ -588,14 +587,8 @@ async def test_ops_on_a_socket_whose_session_ended_are_refused(
     the caller is refused, not run on the strength of the handshake."""
     sent = await send(alice, group["id"], "mine")
     ws = await open_ws(live, alice)
-    session_id = jwt.decode(alice.access_token, options={"verify_signature": False})["sid"]
-    async with app.state.db.transaction() as session:
-        # Ended behind the hub's back: no revocation event closes the socket at once.
-        await session.execute(
-            update(AuthSession)
-            .where(AuthSession.id == uuid.UUID(session_id))
-            .values(ended_at=utcnow())
-        )
+    # Ended behind the hub's back (expired): no revocation event closes the socket at once.
+    await set_session_expiry(app, alice, utcnow() - timedelta(seconds=1))
     cid = group["id"]
     ops: list[dict[str, Any]] = [
         {"op": "typing", "conversation_id": cid, "is_typing": True},
