@@ -17,6 +17,8 @@ KEYS = [
     "send.vs_pgbench",
     "send.pgbench_send_statement_tps",
     "send.vs_send_statement",
+    "send.bare_send_statement_per_s",
+    "send.bare_send_statement_ratio",
     "fanout.parley_deliveries_per_s",
     "fanout.baseline_deliveries_per_s",
     "fanout.ratio",
@@ -101,12 +103,17 @@ def plot(results: dict[str, Any]) -> None:
     if "levels" in send:
         levels = sorted(send["levels"], key=int)
         fig, ax = plt.subplots(figsize=(7, 4))
-        width = 0.2
+        width = 0.16
         xs = range(len(levels))
         for offset, (label, key, spread) in enumerate(
             [
                 ("Parley", "parley_per_s", "parley_spread"),
-                ("bare ASGI + asyncpg", "baseline_per_s", "baseline_spread"),
+                ("bare ASGI + asyncpg INSERT", "baseline_per_s", "baseline_spread"),
+                (
+                    "bare ASGI + Parley's send statement",
+                    "bare_send_statement_per_s",
+                    "bare_send_statement_spread",
+                ),
                 ("pgbench INSERT", "pgbench_tps", "pgbench_spread"),
                 (
                     "pgbench, Parley's send statement",
@@ -119,7 +126,7 @@ def plot(results: dict[str, Any]) -> None:
             lows = [send["levels"][lv][key] - send["levels"][lv][spread]["min"] for lv in levels]
             highs = [send["levels"][lv][spread]["max"] - send["levels"][lv][key] for lv in levels]
             ax.bar(
-                [x + (offset - 1.5) * width for x in xs],
+                [x + (offset - 2) * width for x in xs],
                 heights,
                 width,
                 yerr=[lows, highs],

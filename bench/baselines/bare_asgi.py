@@ -1,5 +1,11 @@
 """The floor cost of a persisted HTTP write in Python: a bare ASGI app (no framework)
-whose POST does one asyncpg INSERT and answers 201 with the row's id.
+whose POST /messages does one asyncpg INSERT and answers 201 with the row's id.
+
+Its POST /send runs Parley's own send statement instead (SEND_SQL_POSITIONAL, the
+statement a plain Parley send is), with the sender, session and room from the body: the
+database work of a Parley send with no framework, no token, no validation and no
+publish around it. Between the two, it tells how much of the gap to Parley the
+database work alone makes.
 
 Served by uvicorn with the same settings as `parley serve` (uvloop, httptools, no access
 log), so the ratio Parley ÷ this isolates what Parley adds on top of the database write.
@@ -9,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import orjson
 import uvicorn
+
+from parley.messages.repository import SEND_SQL_POSITIONAL
 
 TABLE = """
 CREATE TABLE IF NOT EXISTS bare_messages (
@@ -56,6 +65,24 @@ def make_app(dsn: str, pool_size: int) -> Any:
         data = orjson.loads(body)
         row_id = uuid.uuid4()
         assert pool is not None
+        if scope["path"] == "/send":
+            row = await pool.fetchrow(
+                SEND_SQL_POSITIONAL,
+                uuid.UUID(data["uid"]),
+                uuid.UUID(data["sid"]),
+                uuid.UUID(data["cid"]),
+                row_id,
+                data["content"],
+                None,
+                None,
+                datetime.now(UTC),
+            )
+            # Anything but a stored message counts as an error to the load generator.
+            if row is None or row["seq"] is None:
+                await _respond(send, 409, b'{"stored":false}')
+                return
+            await _respond(send, 201, orjson.dumps({"id": str(row_id), "seq": row["seq"]}))
+            return
         await pool.execute(INSERT, row_id, uuid.UUID(data["conversation_id"]), data["content"])
         await _respond(send, 201, orjson.dumps({"id": str(row_id)}))
 

@@ -4,6 +4,9 @@
   own room (`POST /api/v1/conversations/{id}/messages`), back to back.
 - bare ASGI: the same load against a framework-free ASGI app that does one asyncpg
   INSERT per POST, under the same uvicorn settings.
+- bare ASGI + send statement: the same app's POST /send runs Parley's own send statement
+  (the database work of a plain Parley send, with no framework, token check,
+  validation or publish around it): how much of the gap the database work alone makes.
 - pgbench: a single-row INSERT script at the same concurrency on the same PostgreSQL,
   the database's own limit.
 - pgbench running Parley's own send statement (parley.messages.repository.SEND_SQL),
@@ -117,13 +120,16 @@ async def _send_targets(db: Database, users: list[BenchUser], rooms: list[str]) 
         await conn.executemany(
             "INSERT INTO send_targets VALUES ($1, $2, $3, $4)",
             [
-                (i, user.id, jwt.decode(user.token, options={"verify_signature": False})["sid"],
-                 room)
+                (i, user.id, _session_id(user), room)
                 for i, (user, room) in enumerate(zip(users, rooms, strict=True))
             ],
         )  # fmt: skip
     finally:
         await conn.close()
+
+
+def _session_id(user: BenchUser) -> str:
+    return str(jwt.decode(user.token, options={"verify_signature": False})["sid"])
 
 
 async def _pgbench(
@@ -203,7 +209,13 @@ async def run(quick: bool) -> dict[str, Any]:
                                [{"conversation_id": rooms[i], "content": "hello"}])
                     for i in range(level)
                 ]  # fmt: skip
-                runs: dict[str, list[dict[str, Any]]] = {"parley": [], "bare": []}
+                bare_send_targets = [
+                    HttpTarget(bare.port, "/send", None,
+                               [{"uid": str(users[i].id), "sid": _session_id(users[i]),
+                                 "cid": rooms[i], "content": "hello"}])
+                    for i in range(level)
+                ]  # fmt: skip
+                runs: dict[str, list[dict[str, Any]]] = {"parley": [], "bare": [], "bare_send": []}
                 pg_tps: list[float] = []
                 pg_clients: list[int] = []
                 statement_tps: list[float] = []
@@ -211,6 +223,9 @@ async def run(quick: bool) -> dict[str, Any]:
                     progress(f"send: concurrency {level}, round {r + 1}/{repeats}")
                     runs["bare"].append(await _measure(bare_targets, seconds, warmup, bare))
                     runs["parley"].append(await _measure(parley_targets, seconds, warmup, parley))
+                    runs["bare_send"].append(
+                        await _measure(bare_send_targets, seconds, warmup, bare)
+                    )
                     tps, clients = await _pgbench(db, level, int(seconds))
                     pg_tps.append(tps)
                     pg_clients.append(clients)
@@ -223,6 +238,7 @@ async def run(quick: bool) -> dict[str, Any]:
                 progress(
                     f"send: c={level} parley {level_result['parley_per_s']:.0f}/s, "
                     f"bare {level_result['baseline_per_s']:.0f}/s, "
+                    f"bare + send statement {level_result['bare_send_statement_per_s']:.0f}/s, "
                     f"pgbench {level_result['pgbench_tps']:.0f} tps, "
                     f"pgbench send statement {level_result['pgbench_send_statement_tps']:.0f} tps "
                     f"({level_result['pgbench_clients']} clients), "
@@ -241,6 +257,8 @@ async def run(quick: bool) -> dict[str, Any]:
             "vs_pgbench": headline["vs_pgbench"],
             "pgbench_send_statement_tps": headline["pgbench_send_statement_tps"],
             "vs_send_statement": headline["vs_send_statement"],
+            "bare_send_statement_per_s": headline["bare_send_statement_per_s"],
+            "bare_send_statement_ratio": headline["bare_send_statement_ratio"],
             "p50_ms": headline["parley_p50_ms"],
             "p99_ms": headline["parley_p99_ms"],
             "goal": 0.5,
@@ -254,7 +272,10 @@ def _summarize(
 ) -> dict[str, Any]:
     parley = [r["per_s"] for r in runs["parley"]]
     bare = [r["per_s"] for r in runs["bare"]]
+    bare_send = [r["per_s"] for r in runs["bare_send"]]
     ratios = [p / b for p, b in zip(parley, bare, strict=True) if b]
+    # Measured in the same round as the bare INSERT it is divided by.
+    bare_send_ratios = [s / b for s, b in zip(bare_send, bare, strict=True) if b]
     statement_median = statistics.median(statement_tps)
     return {
         "parley_per_s": statistics.median(parley),
@@ -269,6 +290,11 @@ def _summarize(
         "pgbench_send_statement_tps": statement_median,
         "pgbench_send_statement_spread": summary(statement_tps),
         "vs_send_statement": statistics.median(parley) / statement_median,
+        "bare_send_statement_per_s": statistics.median(bare_send),
+        "bare_send_statement_spread": summary(bare_send),
+        "bare_send_statement_ratio": statistics.median(bare_send_ratios),
+        "bare_send_statement_ratio_spread": summary(bare_send_ratios),
+        "vs_bare_send_statement": statistics.median(parley) / statistics.median(bare_send),
         "parley_p50_ms": statistics.median(r["p50_ms"] for r in runs["parley"]),
         "parley_p99_ms": statistics.median(r["p99_ms"] for r in runs["parley"]),
         "baseline_p50_ms": statistics.median(r["p50_ms"] for r in runs["bare"]),
@@ -280,6 +306,10 @@ def _summarize(
         "baseline_cpu_s_per_1k": 1000
         * statistics.median(
             r["server_cpu_s"] / max(r["per_s"] * r["wall_s"], 1) for r in runs["bare"]
+        ),
+        "bare_send_statement_cpu_s_per_1k": 1000
+        * statistics.median(
+            r["server_cpu_s"] / max(r["per_s"] * r["wall_s"], 1) for r in runs["bare_send"]
         ),
         "errors": sum(r["errors"] for rs in runs.values() for r in rs),
     }

@@ -302,11 +302,12 @@ LEFT JOIN LATERAL (
 ) others ON true
 """
 _SEND = text(SEND_SQL)
-_SEND_PARAMS = ("uid", "sid", "cid", "mid", "content", "cmid", "reply", "now")
-# The same statement in asyncpg's own form, for a driver connection.
-_SEND_DRIVER = re.sub(
-    r":(" + "|".join(_SEND_PARAMS) + r")\b",
-    lambda m: f"${_SEND_PARAMS.index(m[1]) + 1}",
+SEND_PARAMS = ("uid", "sid", "cid", "mid", "content", "cmid", "reply", "now")
+# The same statement in asyncpg's own form ($1… in SEND_PARAMS order), for a driver
+# connection; the benchmark's framework-free baseline runs it too (bench/baselines).
+SEND_SQL_POSITIONAL = re.sub(
+    r":(" + "|".join(SEND_PARAMS) + r")\b",
+    lambda m: f"${SEND_PARAMS.index(m[1]) + 1}",
     SEND_SQL,
 )
 
@@ -342,7 +343,7 @@ async def send_message(
 ) -> Sent | None:
     """The send statement inside the session's transaction, for a message not yet in the
     session (its seq is what it returns); None when the sender's session has ended."""
-    params = dict(zip(_SEND_PARAMS, _send_params(message, session_id), strict=True))
+    params = dict(zip(SEND_PARAMS, _send_params(message, session_id), strict=True))
     row = (await session.execute(_SEND, params)).one_or_none()
     return None if row is None else Sent(*row)
 
@@ -352,7 +353,7 @@ async def send_message_autocommit(
 ) -> Sent | None:
     """The send statement on an asyncpg connection outside any transaction, as its own;
     None when the sender's session has ended."""
-    row = await conn.fetchrow(_SEND_DRIVER, *_send_params(message, session_id))
+    row = await conn.fetchrow(SEND_SQL_POSITIONAL, *_send_params(message, session_id))
     return None if row is None else Sent(*row)
 
 
