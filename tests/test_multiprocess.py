@@ -218,6 +218,8 @@ class Cluster:
             PARLEY_ARGON2_TIME_COST="1",
             PARLEY_ARGON2_MEMORY_COST="64",
             PARLEY_LOG_FORMAT="json",
+            # A killed process's users go offline within seconds, not half a minute.
+            PARLEY_PRESENCE_TTL="3",
             PARLEY_DATA_DIR=str(workdir / "data"),
         )
         self.a = Node("a", env, workdir)
@@ -871,3 +873,41 @@ async def test_a_client_moving_to_the_other_process_gets_all_it_missed_even_afte
         f"seqs {sorted(wanted - covered)} (the missed {[m['seq'] for m in missed]}) "
         f"neither sent nor announced by a gap; received {got}"
     )
+
+
+async def presence_news(ws: WS, user_id: str, timeout: float) -> str:
+    """The next presence status announced for this user, skipping anything else."""
+    deadline = time.monotonic() + timeout
+    while True:
+        event, _ = await ws.until("presence", timeout=max(deadline - time.monotonic(), 0.01))
+        if event["user_id"] == user_id:
+            status: str = event["status"]
+            return status
+
+
+async def test_the_users_of_a_killed_process_are_announced_offline_on_the_other(
+    cluster: Cluster,
+) -> None:
+    """SIGKILL B while bob is connected to it: nothing on B says goodbye, yet alice, on A,
+    hears that bob went offline once B's heartbeat expired (PARLEY_PRESENCE_TTL, 3 s
+    here), and A's presence reads agree."""
+    a, b = cluster.a, cluster.b
+    alice = await cluster.register(a, "alice")
+    bob = await cluster.register(a, "bob")
+    resp = await cluster.call(
+        a, alice, "POST", "/conversations", json={"kind": "group", "name": "pair",
+                                                  "member_ids": [bob.id]},
+    )  # fmt: skip
+    assert resp.status_code == 201, resp.text
+    alice_on_a = await cluster.connect(a, alice)
+    await cluster.connect(b, bob)
+    assert await presence_news(alice_on_a, bob.id, DELIVERY_TIMEOUT) == "online"
+
+    b.kill()
+    killed_at = time.monotonic()
+    assert await presence_news(alice_on_a, bob.id, DELIVERY_TIMEOUT) == "offline"
+    # The TTL, then at most one of A's refreshes (a third of it), and some slack.
+    assert time.monotonic() - killed_at < 3 + 1 + 3
+    resp = await cluster.call(a, alice, "GET", "/presence", params={"user_ids": bob.id})
+    assert resp.json() == {"presence": {bob.id: "offline"}}
+    assert await alice_on_a.quiet(1.5) == []

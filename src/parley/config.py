@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # Namespace of every Redis key, so that several deployments (or test runs) can share
     # one Redis without meeting.
     redis_prefix: str = "parley"
+    # With Redis: seconds after which a process that stopped refreshing (killed, hung)
+    # counts as dead, and its users as offline. Processes refresh three times as often.
+    presence_ttl: int = Field(30, ge=3, le=3600)
     login_rate: str = "10/minute"
     # §10: message sends per user (REST and WebSocket together) and API requests per
     # user. Generous for people, a wall for a runaway client.

@@ -2,7 +2,8 @@
 
 Presence counts live connections per user per process. Each process keeps a heartbeat
 key with a TTL; a process that dies stops refreshing it, and its users count as offline
-once it expires, without anyone having to clean up after it.
+once it expires. The live processes' refreshes then find it dead: one of them clears what
+it left and tells who went offline with it (Realtime.refresh_presence).
 """
 
 from __future__ import annotations
@@ -12,20 +13,33 @@ import contextlib
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
 
 log = structlog.get_logger("parley.presence")
 
-PROCESS_TTL = 30  # s: a crashed process's users go offline after at most this long
-PROCESS_REFRESH = 10  # s: well inside the TTL, so one slow refresh does not flap presence
 TYPING_TTL = 6  # s: clients re-send every 3 s; two misses mean stopped (§6)
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceChanges:
+    """What a refresh learned that the people around these users must hear."""
+
+    # Served by a process that died, and connected nowhere else now.
+    offline: list[uuid.UUID] = field(default_factory=list)
+    # This process's users, whom another process took for offline while this one was
+    # late with its heartbeat.
+    online: list[uuid.UUID] = field(default_factory=list)
+
+
 class PresenceStore(Protocol):
+    refresh_interval: float
+
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
+    async def refresh(self) -> PresenceChanges: ...
     async def add(self, user_id: uuid.UUID) -> int: ...
     async def remove(self, user_id: uuid.UUID) -> int: ...
     async def count(self, user_id: uuid.UUID) -> int: ...
@@ -49,8 +63,14 @@ class MemoryPresence:
     async def start(self) -> None:
         return None
 
+    refresh_interval = 10.0
+
     async def stop(self) -> None:
         self._counts.clear()
+
+    async def refresh(self) -> PresenceChanges:
+        # One process: no other can die, nor take this one for dead.
+        return PresenceChanges()
 
     async def add(self, user_id: uuid.UUID) -> int:
         self._counts[user_id] = self._counts.get(user_id, 0) + 1
@@ -112,7 +132,8 @@ class MemoryTyping:
 
 class RedisPresence:
     """Per user, a hash of process → live connections there; a user is online while any
-    live process counts a connection.
+    live process counts a connection. Beside it, the set of processes, and per process
+    the set of users it counts: what a live process needs to clean up after a dead one.
 
     This process's writes are absolute counts, made one at a time under a lock, each in a
     MULTI with the read of the hash: two connects (or disconnects) of one user racing on
@@ -121,15 +142,19 @@ class RedisPresence:
     the last — the online/offline announcements depend on exactly that.
     """
 
-    def __init__(self, client: Any, *, prefix: str, process: str) -> None:
+    def __init__(self, client: Any, *, prefix: str, process: str, ttl: int = 30) -> None:
         self._redis = client
         self._prefix = prefix
         self._process = process
+        # A crashed process's users go offline at most this long (plus one refresh)
+        # after it died.
+        self._ttl = ttl
+        # Well inside the TTL, so that one slow refresh does not flap presence.
+        self.refresh_interval = max(ttl / 3, 1.0)
         self._local: dict[uuid.UUID, int] = {}
         # Users whose last write may not have reached Redis: the refresh writes them again.
         self._dirty: set[uuid.UUID] = set()
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
 
     def _user_key(self, user_id: uuid.UUID) -> str:
         return f"{self._prefix}:pc:{user_id.hex}"
@@ -137,45 +162,90 @@ class RedisPresence:
     def _process_key(self, process: str) -> str:
         return f"{self._prefix}:proc:{process}"
 
+    def _users_key(self, process: str) -> str:
+        return f"{self._prefix}:pu:{process}"
+
+    @property
+    def _processes_key(self) -> str:
+        return f"{self._prefix}:procs"
+
     async def start(self) -> None:
-        await self._announce_process()
-        self._task = asyncio.create_task(self._refresh_forever(), name="parley-presence")
+        await self._announce_process(register=True)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
         with contextlib.suppress(Exception):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for user_id in self._local:
                     pipe.hdel(self._user_key(user_id), self._process)
-                pipe.delete(self._process_key(self._process))
+                pipe.delete(self._process_key(self._process), self._users_key(self._process))
+                pipe.srem(self._processes_key, self._process)
                 await pipe.execute()
         self._local.clear()
 
-    async def _refresh_forever(self) -> None:
-        while True:
-            await asyncio.sleep(PROCESS_REFRESH)
-            try:
-                await self._announce_process()
-                # Re-assert the local counts: Redis may have restarted empty, or a write
-                # may have failed.
-                async with self._lock:
-                    users = set(self._local) | self._dirty
-                    if users:
-                        async with self._redis.pipeline(transaction=False) as pipe:
-                            for user_id in users:
-                                self._queue_write(pipe, user_id)
-                            await pipe.execute()
-                    self._dirty.clear()
-            except Exception as exc:
-                log.warning("presence_refresh_failed", error=type(exc).__name__)
+    async def refresh(self) -> PresenceChanges:
+        """The heartbeat, this process's counts asserted again (Redis may have restarted
+        empty, or a write may have failed), and the processes found dead cleaned up
+        after. Run every `refresh_interval` seconds."""
+        returned = await self._announce_process(register=True)
+        async with self._lock:
+            users = set(self._local) | self._dirty
+            if users:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for user_id in users:
+                        self._queue_write(pipe, user_id)
+                    await pipe.execute()
+            self._dirty.clear()
+            # Not in the set of processes: another one reaped this one, late with its
+            # heartbeat, and announced its users offline.
+            back = sorted(self._local, key=str) if returned else []
+        return PresenceChanges(offline=await self._reap(), online=back)
 
-    async def _announce_process(self) -> None:
-        """The heartbeat key, holding this process's live connection count."""
+    async def _announce_process(self, *, register: bool = False) -> bool:
+        """The heartbeat key, holding this process's live connection count; with
+        `register`, this process in the set of processes too, and whether it was
+        missing there."""
         total = sum(self._local.values())
-        await self._redis.set(self._process_key(self._process), total, ex=PROCESS_TTL)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(self._process_key(self._process), total, ex=self._ttl)
+            if register:
+                pipe.sadd(self._processes_key, self._process)
+            answers = await pipe.execute()
+        return register and answers[1] == 1
+
+    async def _reap(self) -> list[uuid.UUID]:
+        """Clean up after every process whose heartbeat expired; the users it served who
+        are connected nowhere else now."""
+        others = [
+            p
+            for p in await self._redis.smembers(self._processes_key)
+            if p.decode() != self._process
+        ]
+        if not others:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for process in others:
+                pipe.exists(self._process_key(process.decode()))
+            alive = await pipe.execute()
+        offline: list[uuid.UUID] = []
+        for process, exists in zip(others, alive, strict=True):
+            # Of the live processes that find it dead, the one whose SREM removes it
+            # cleans up after it, so its users are announced offline once.
+            if exists or not await self._redis.srem(self._processes_key, process):
+                continue
+            name = process.decode()
+            users = [
+                uuid.UUID(hex=u.decode()) for u in await self._redis.smembers(self._users_key(name))
+            ]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for user_id in users:
+                    pipe.hdel(self._user_key(user_id), name)
+                pipe.delete(self._users_key(name))
+                await pipe.execute()
+            if users:
+                counts = await self._counts(users)
+                offline += [u for u in users if counts[u] == 0]
+            log.info("presence_process_reaped", process=name, users=len(users))
+        return offline
 
     async def processes(self) -> dict[str, int]:
         """Live connections per process, for every process whose heartbeat is fresh."""
@@ -221,8 +291,10 @@ class RedisPresence:
         n = self._local.get(user_id, 0)
         if n > 0:
             pipe.hset(self._user_key(user_id), self._process, n)
+            pipe.sadd(self._users_key(self._process), user_id.hex)
         else:
             pipe.hdel(self._user_key(user_id), self._process)
+            pipe.srem(self._users_key(self._process), user_id.hex)
 
     async def _write(self, user_id: uuid.UUID) -> dict[bytes, bytes]:
         """Write this process's count for the user and read every process's, atomically.
@@ -230,7 +302,7 @@ class RedisPresence:
         async with self._redis.pipeline(transaction=True) as pipe:
             self._queue_write(pipe, user_id)
             pipe.hgetall(self._user_key(user_id))
-            _, entry = await pipe.execute()
+            *_, entry = await pipe.execute()
         return dict(entry)
 
     async def count(self, user_id: uuid.UUID) -> int:

@@ -4,6 +4,8 @@ every transport shares (connect, resume, typing).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,7 +75,12 @@ class Realtime:
             # first use fails; presence and typing calls are safe to repeat.
             self.redis = aioredis.from_url(settings.redis_url, retry=Retry(NoBackoff(), 1))
             broker = RedisBroker(settings.redis_url, prefix=settings.redis_prefix)
-            self.presence = RedisPresence(self.redis, prefix=settings.redis_prefix, process=process)
+            self.presence = RedisPresence(
+                self.redis,
+                prefix=settings.redis_prefix,
+                process=process,
+                ttl=settings.presence_ttl,
+            )
             self.typing = RedisTyping(self.redis, prefix=settings.redis_prefix)
         else:
             broker = MemoryBroker()
@@ -82,13 +89,21 @@ class Realtime:
         self.broker = broker
         self.hub = Hub(db, broker)
         db.publisher = self.publish
+        self._presence_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.hub.start()
         await self.presence.start()
+        self._presence_task = asyncio.create_task(
+            self._refresh_presence_forever(), name="parley-presence"
+        )
 
     async def stop(self) -> None:
         self.db.publisher = None
+        if self._presence_task is not None:
+            self._presence_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._presence_task
         await self.presence.stop()
         await self.hub.stop()
         if self.redis is not None:
@@ -156,6 +171,25 @@ class Realtime:
                 await self._announce_presence(conn.user_id, "offline", rows)
         except Exception:
             log.exception("presence_update_failed")
+
+    async def _refresh_presence_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.presence.refresh_interval)
+            try:
+                await self.refresh_presence()
+            except Exception as exc:
+                log.warning("presence_refresh_failed", error=type(exc).__name__)
+
+    async def refresh_presence(self) -> None:
+        """Keep this process's presence alive, and tell the people around them of users
+        who went offline with a dead process, or who are back after this process was
+        taken for dead."""
+        changes = await self.presence.refresh()
+        for status, users in (("offline", changes.offline), ("online", changes.online)):
+            for user_id in users:
+                async with self.db.transaction(write=False) as session:
+                    rows = await _memberships(session, user_id, None)
+                await self._announce_presence(user_id, status, rows)
 
     async def _announce_presence(
         self, user_id: uuid.UUID, status: str, rows: Sequence[MembershipRow]
