@@ -202,7 +202,7 @@ def _plot_fanout(plt: Any, fanout: dict[str, Any], filename: str, title: str) ->
             label=f"{label} p50",
         )
     half = [s for s in fanout["steps"] if s.get("half_knee")]
-    for s in half:
+    for i, s in enumerate(half):
         left.plot(
             [s["offered_per_s"]],
             [s["deliveries_per_s"]],
@@ -210,7 +210,7 @@ def _plot_fanout(plt: Any, fanout: dict[str, Any], filename: str, title: str) ->
             markersize=14,
             color="C0",
             linestyle="none",
-            label="Parley at ½ knee",
+            label="Parley at ½ knee" if i == 0 else "_nolegend_",
         )
         right.plot(
             [s["offered_per_s"]],
@@ -219,7 +219,7 @@ def _plot_fanout(plt: Any, fanout: dict[str, Any], filename: str, title: str) ->
             markersize=14,
             color="C0",
             linestyle="none",
-            label="Parley p99 at ½ knee",
+            label="Parley p99 at ½ knee (each round)" if i == 0 else "_nolegend_",
         )
     xs_all = sorted({s["offered_per_s"] for s in fanout["steps"]})
     if xs_all:
