@@ -53,6 +53,8 @@ class TypingStore(Protocol):
 
 
 class MemoryPresence:
+    refresh_interval = 10.0
+
     def __init__(self, *, process: str) -> None:
         self._process = process
         self._counts: dict[uuid.UUID, int] = {}
@@ -62,8 +64,6 @@ class MemoryPresence:
 
     async def start(self) -> None:
         return None
-
-    refresh_interval = 10.0
 
     async def stop(self) -> None:
         self._counts.clear()

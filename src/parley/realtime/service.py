@@ -166,9 +166,7 @@ class Realtime:
         LIVE_CONNECTIONS.labels(transport).dec()
         try:
             if await self.presence.remove(conn.user_id) == 0:
-                async with self.db.transaction(write=False) as session:
-                    rows = await _memberships(session, conn.user_id, None)
-                await self._announce_presence(conn.user_id, "offline", rows)
+                await self._announce_presence_of(conn.user_id, "offline")
         except Exception:
             log.exception("presence_update_failed")
 
@@ -187,9 +185,13 @@ class Realtime:
         changes = await self.presence.refresh()
         for status, users in (("offline", changes.offline), ("online", changes.online)):
             for user_id in users:
-                async with self.db.transaction(write=False) as session:
-                    rows = await _memberships(session, user_id, None)
-                await self._announce_presence(user_id, status, rows)
+                await self._announce_presence_of(user_id, status)
+
+    async def _announce_presence_of(self, user_id: uuid.UUID, status: str) -> None:
+        """_announce_presence, for a user whose memberships are not at hand."""
+        async with self.db.transaction(write=False) as session:
+            rows = await _memberships(session, user_id, None)
+        await self._announce_presence(user_id, status, rows)
 
     async def _announce_presence(
         self, user_id: uuid.UUID, status: str, rows: Sequence[MembershipRow]
